@@ -1,0 +1,79 @@
+// csaq eval: perplexity = exp(mean next-token cross-entropy over every predicted position).
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "csaq/shard/pipeline.h"
+#include "csaq/shard/progress.h"
+#include "csaq/storage/error.h"
+#include "csaq/storage/files.h"
+
+namespace csaq::cli {
+namespace po = boost::program_options;
+
+int run_eval(const std::vector<std::string>& args, Communicator& comm) {
+  std::string model_dir, data_path, report_path;
+  std::int64_t seq_len = 0, max_sequences = -1, batch_size = 1;
+  int threads = 0;
+  po::options_description options("csaq eval options");
+  options.add_options()
+      ("model", po::value(&model_dir)->required(), "Hugging Face model directory (config.json + safetensors)")
+      ("data", po::value(&data_path)->required(), "token file: 1-D .npy of int32/int64/uint16/uint32")
+      ("seq-len", po::value(&seq_len)->required(), "tokens per sequence (non-overlapping windows, remainder dropped)")
+      ("max-sequences", po::value(&max_sequences), "evaluate at most this many sequences (default: all)")
+      ("batch-size", po::value(&batch_size)->default_value(1), "sequences per micro-batch")
+      ("report", po::value(&report_path), "write a JSON report here")
+      ("overwrite", "replace an existing --report file")
+      ("threads", po::value(&threads)->default_value(0), "intra-op threads per rank (0: cores / ranks on the node)");
+  po::variables_map vm;
+  if (!parse_options("eval", options, args, vm, comm)) return 0;
+  if (vm.count("max-sequences") && max_sequences < 1) throw UsageError{"--max-sequences must be at least 1"};
+  if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
+  const bool overwrite = vm.count("overwrite") > 0;
+  if (!report_path.empty() && comm.rank() == 0) storage::check_writable_target(report_path, overwrite);
+  set_threads(threads, comm);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  TokenSequences data = TokenSequences::from_npy(data_path, seq_len, max_sequences);
+  data.check_vocabulary(model.config().vocab_size);
+  Pipeline pipeline(model, comm, PipelineOptions{batch_size, 1});
+  ProgressMeter progress("eval", "batches", pipeline.micro_batches(data), comm.rank() == 0);
+  const LossTotals totals = pipeline.evaluate(data, {}, [&](std::int64_t done, std::int64_t) { progress.update(done); });
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double perplexity = std::exp(totals.mean_nll());
+
+  if (comm.rank() == 0) {
+    std::printf("perplexity: %.4f\n", perplexity);
+    std::fflush(stdout);
+    if (!report_path.empty()) {
+      nlohmann::json partition = nlohmann::json::array();
+      for (const auto& r : model.partition()) partition.push_back({r.begin, r.end});
+      nlohmann::json report = {
+          {"command", "eval"},
+          {"csaq_version", CSAQ_VERSION},
+          {"model", model_dir},
+          {"data", data_path},
+          {"perplexity", perplexity},
+          {"mean_nll", totals.mean_nll()},
+          {"tokens", data.tokens()},
+          {"predicted_tokens", totals.predicted_tokens},
+          {"sequences", totals.sequences},
+          {"seq_len", seq_len},
+          {"batch_size", batch_size},
+          {"world_size", comm.size()},
+          {"layer_partition", partition},
+          {"dtype", "float32"},
+          {"elapsed_s", elapsed},
+          {"tokens_per_s", elapsed > 0 ? static_cast<double>(data.tokens()) / elapsed : 0.0},
+      };
+      storage::write_file_atomic(report_path, report.dump(2) + "\n", overwrite);
+    }
+  }
+  return 0;
+}
+
+}  // namespace csaq::cli

@@ -1,0 +1,31 @@
+// Subcommands of the csaq executable. Each parses its own options (Boost.Program_options)
+// and returns the process exit code; errors are thrown as csaq::Error and reported by main.
+#pragma once
+
+#include <boost/program_options.hpp>
+#include <string>
+#include <vector>
+
+#include "csaq/shard/comm.h"
+
+namespace csaq::cli {
+
+// Thrown for a bad command line: main prints it (rank 0 only) with the usage hint, exit 2.
+struct UsageError {
+  std::string message;
+};
+
+int run_eval(const std::vector<std::string>& args, Communicator& comm);
+int run_make_demo(const std::vector<std::string>& args, Communicator& comm);
+
+// Parses `args` against `options` (plus --help) into `vm`. Returns false after printing
+// the help text (rank 0), when the caller should exit 0. Unknown options throw.
+bool parse_options(const std::string& command, boost::program_options::options_description& options,
+                   const std::vector<std::string>& args, boost::program_options::variables_map& vm,
+                   const Communicator& comm);
+
+// Sets LibTorch's intra-op threads: `requested`, or when 0 this node's cores shared
+// evenly between the ranks on it.
+void set_threads(int requested, const Communicator& comm);
+
+}  // namespace csaq::cli

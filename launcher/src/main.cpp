@@ -1,0 +1,96 @@
+// csaq: causal-salience-aware post-training quantization of LLMs across MPI ranks.
+#include <ATen/Parallel.h>
+
+#include <boost/program_options/errors.hpp>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <exception>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "commands.h"
+#include "csaq/storage/error.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: csaq <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  eval       perplexity of a model on a token file\n"
+    "  make-demo  write a small random Llama checkpoint and token file (no downloads)\n"
+    "\n"
+    "Run under mpirun/srun to shard the model's layers across ranks.\n"
+    "'csaq <command> --help' lists a command's options; 'csaq --version' prints the version.\n";
+
+}  // namespace
+
+namespace csaq::cli {
+namespace po = boost::program_options;
+
+bool parse_options(const std::string& command, po::options_description& options,
+                   const std::vector<std::string>& args, po::variables_map& vm,
+                   const Communicator& comm) {
+  options.add_options()("help,h", "show this help");
+  po::store(po::command_line_parser(args).options(options).run(), vm);
+  if (vm.count("help")) {
+    if (comm.rank() == 0) std::cout << "usage: csaq " << command << " [options]\n\n" << options;
+    return false;
+  }
+  po::notify(vm);
+  return true;
+}
+
+void set_threads(int requested, const Communicator& comm) {
+  int n = requested;
+  if (n <= 0) {
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    n = std::max(1, cores / std::max(1, comm.local_size()));
+  }
+  at::set_num_threads(n);
+}
+}  // namespace csaq::cli
+
+int main(int argc, char** argv) {
+  std::unique_ptr<csaq::MpiRuntime> mpi;
+  std::unique_ptr<csaq::Communicator> comm;
+  try {
+    mpi = std::make_unique<csaq::MpiRuntime>(&argc, &argv);
+    comm = mpi->world();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "csaq: error: %s\n", e.what());
+    return 1;
+  }
+  const int rank = comm->rank(), world = comm->size();
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    if (rank == 0) std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string command = argv[1];
+  if (command == "--version") {
+    if (rank == 0) std::printf("csaq %s\n", CSAQ_VERSION);
+    return 0;
+  }
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (command == "eval") return csaq::cli::run_eval(args, *comm);
+    if (command == "make-demo") return csaq::cli::run_make_demo(args, *comm);
+    throw csaq::cli::UsageError{"unknown command '" + command + "'"};
+  } catch (const csaq::cli::UsageError& e) {
+    // Every rank sees the same command line: one message, every rank exits.
+    if (rank == 0) std::fprintf(stderr, "csaq %s: %s\n\n%s", command.c_str(), e.message.c_str(), kUsage);
+    return 2;
+  } catch (const boost::program_options::error& e) {
+    if (rank == 0)
+      std::fprintf(stderr, "csaq %s: %s (see 'csaq %s --help')\n", command.c_str(), e.what(), command.c_str());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "csaq %s: error on rank %d of %d: %s\n", command.c_str(), rank, world, e.what());
+    std::fflush(stderr);
+    // Other ranks may be waiting on this one in a send/recv or collective: end them all.
+    if (world > 1) csaq::MpiRuntime::abort(1);
+    return 1;
+  }
+}

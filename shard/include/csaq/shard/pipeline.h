@@ -1,0 +1,78 @@
+// Micro-batches streamed through the layer shards of all ranks.
+//
+// Forward: rank r receives hidden states from r-1 (the first rank embeds), runs its layers
+// and sends to r+1; the last rank scores the next-token loss. Backward (calibrate): the
+// gradient of the hidden states flows back r+1 -> r. Up to `in_flight` micro-batches are
+// forwarded before their backward passes run (a GPipe schedule), so ranks work concurrently.
+// Weight gradients are computed one layer at a time, handed to the callback and freed: a
+// rank never holds more than one layer's weight gradients. Deterministic: the same data
+// and micro_batch_size give identical results for every world size.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <cstdint>
+#include <functional>
+
+#include "csaq/shard/comm.h"
+#include "csaq/shard/data.h"
+#include "csaq/shard/model.h"
+
+namespace csaq {
+
+struct PipelineOptions {
+  std::int64_t micro_batch_size = 1;  // sequences per micro-batch
+  std::int64_t in_flight = 4;         // micro-batches forwarded before their backward passes
+};
+
+struct LossTotals {
+  double nll_sum = 0.0;  // summed next-token cross-entropy (nats)
+  std::int64_t predicted_tokens = 0;
+  std::int64_t sequences = 0;
+  double mean_nll() const { return predicted_tokens > 0 ? nll_sum / predicted_tokens : 0.0; }
+};
+
+// dLoss/dW of one decoder layer's Linear weights (kLinearNames order) for one micro-batch,
+// where Loss is that micro-batch's mean next-token cross-entropy.
+struct LayerGradients {
+  std::int64_t micro_batch = 0;
+  const DecoderLayer* layer = nullptr;
+  std::array<at::Tensor, kNumLinears> weight_grads;
+};
+
+using GradientCallback = std::function<void(const LayerGradients&)>;
+// Last rank only: float32 logits [b, L, vocab] of a micro-batch and its token ids [b, L].
+using LogitsCallback =
+    std::function<void(std::int64_t micro_batch, const at::Tensor& ids, const at::Tensor& logits)>;
+// Every rank, after each micro-batch it finished (forward for evaluate, backward for calibrate).
+using ProgressCallback = std::function<void(std::int64_t done, std::int64_t total)>;
+
+// Not thread-safe; one per rank, all ranks calling the same methods in the same order.
+class Pipeline {
+ public:
+  Pipeline(const ModelShard& model, Communicator& comm, PipelineOptions options);
+
+  std::int64_t micro_batches(const TokenSequences& data) const;
+
+  // Forward only. Returns the loss totals on every rank.
+  LossTotals evaluate(const TokenSequences& data, const LogitsCallback& on_logits = {},
+                      const ProgressCallback& on_progress = {});
+
+  // Forward and backward of every micro-batch; `on_grads` sees each layer's weight
+  // gradients, `observer` (if any) every Linear's input and output (detach before keeping).
+  LossTotals calibrate(const TokenSequences& data, const GradientCallback& on_grads,
+                       const LinearObserver* observer = nullptr,
+                       const LogitsCallback& on_logits = {},
+                       const ProgressCallback& on_progress = {});
+
+ private:
+  at::Tensor receive_hidden(std::int64_t batch, std::int64_t seq_len, std::int64_t micro_batch);
+  void share_totals(LossTotals& totals);
+
+  const ModelShard& model_;
+  Communicator& comm_;
+  PipelineOptions options_;
+};
+
+}  // namespace csaq

@@ -1,0 +1,173 @@
+#include "csaq/shard/pipeline.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <vector>
+
+#include "csaq/storage/error.h"
+
+namespace csaq {
+namespace {
+
+// Messages between a pair of ranks arrive in order; tags only guard against a schedule bug.
+// MPI guarantees tags up to 32767.
+int tag(std::int64_t micro_batch, int direction) {
+  return static_cast<int>((micro_batch % 16000) * 2 + direction);
+}
+constexpr int kForward = 0;
+constexpr int kBackward = 1;
+
+// What one micro-batch keeps between its forward and backward pass on this rank.
+struct InFlight {
+  at::Tensor ids;
+  std::vector<at::Tensor> inputs;   // per local layer: its input (a leaf, or the embedding)
+  std::vector<at::Tensor> outputs;  // per local layer: its output, holding the layer's graph
+  at::Tensor head_input;            // last rank
+  at::Tensor loss;                  // last rank: mean next-token loss of the micro-batch
+};
+
+}  // namespace
+
+Pipeline::Pipeline(const ModelShard& model, Communicator& comm, PipelineOptions options)
+    : model_(model), comm_(comm), options_(options) {
+  CSAQ_CHECK(options_.micro_batch_size >= 1, "micro-batch size must be at least 1");
+  CSAQ_CHECK(options_.in_flight >= 1, "micro-batches in flight must be at least 1");
+  CSAQ_CHECK(comm_.size() == model_.world_size() && comm_.rank() == model_.rank(),
+             "model shard is for rank ", model_.rank(), " of ", model_.world_size(),
+             " but the communicator is rank ", comm_.rank(), " of ", comm_.size());
+}
+
+std::int64_t Pipeline::micro_batches(const TokenSequences& data) const {
+  return (data.size() + options_.micro_batch_size - 1) / options_.micro_batch_size;
+}
+
+at::Tensor Pipeline::receive_hidden(std::int64_t batch, std::int64_t seq_len, std::int64_t micro_batch) {
+  at::Tensor x = at::empty({batch, seq_len, model_.config().hidden_size}, at::TensorOptions().dtype(model_.dtype()));
+  comm_.recv(x, model_.rank() - 1, tag(micro_batch, kForward));
+  return x;
+}
+
+void Pipeline::share_totals(LossTotals& totals) {
+  at::Tensor t = at::tensor({totals.nll_sum, static_cast<double>(totals.predicted_tokens),
+                             static_cast<double>(totals.sequences)},
+                            at::kDouble);
+  comm_.broadcast(t, comm_.size() - 1);
+  totals.nll_sum = t[0].item<double>();
+  totals.predicted_tokens = static_cast<std::int64_t>(t[1].item<double>());
+  totals.sequences = static_cast<std::int64_t>(t[2].item<double>());
+}
+
+LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& on_logits,
+                              const ProgressCallback& on_progress) {
+  at::NoGradGuard no_grad;
+  const std::int64_t len = data.seq_len(), total = micro_batches(data);
+  const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
+  LossTotals totals;
+  for (std::int64_t m = 0; m < total; ++m) {
+    const std::int64_t first = m * options_.micro_batch_size;
+    const std::int64_t count = std::min(options_.micro_batch_size, data.size() - first);
+    const at::Tensor ids = data.batch(first, count);
+    at::Tensor x = model_.is_first() ? model_.embed(ids) : receive_hidden(count, len, m);
+    for (std::size_t i = 0; i < model_.decoder().size(); ++i) x = model_.layer_forward(i, x, pos);
+    if (model_.is_last()) {
+      const at::Tensor logits = model_.head(x);
+      totals.nll_sum += next_token_nll_sum(logits, ids).item<double>();
+      totals.predicted_tokens += count * (len - 1);
+      totals.sequences += count;
+      if (on_logits) on_logits(m, ids, logits);
+    } else {
+      comm_.send(x.contiguous(), model_.rank() + 1, tag(m, kForward));
+    }
+    if (on_progress) on_progress(m + 1, total);
+  }
+  share_totals(totals);
+  return totals;
+}
+
+LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallback& on_grads,
+                               const LinearObserver* observer, const LogitsCallback& on_logits,
+                               const ProgressCallback& on_progress) {
+  at::AutoGradMode grad_mode(true);
+  const std::int64_t len = data.seq_len(), total = micro_batches(data);
+  const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
+  const std::size_t layers = model_.decoder().size();
+  LossTotals totals;
+  std::int64_t done = 0;
+
+  for (std::int64_t round = 0; round < total; round += options_.in_flight) {
+    const std::int64_t round_end = std::min(total, round + options_.in_flight);
+    std::vector<InFlight> flight(static_cast<std::size_t>(round_end - round));
+
+    // Forward every micro-batch of the round, keeping each layer's graph separately.
+    for (std::int64_t m = round; m < round_end; ++m) {
+      InFlight& f = flight[m - round];
+      const std::int64_t first = m * options_.micro_batch_size;
+      const std::int64_t count = std::min(options_.micro_batch_size, data.size() - first);
+      f.ids = data.batch(first, count);
+      at::Tensor x;
+      if (model_.is_first()) {
+        x = model_.embed(f.ids);  // no gradient flows into the embedding
+      } else {
+        x = receive_hidden(count, len, m).requires_grad_(true);
+      }
+      for (std::size_t i = 0; i < layers; ++i) {
+        if (i > 0) x = x.detach().requires_grad_(true);
+        f.inputs.push_back(x);
+        x = model_.layer_forward(i, x, pos, observer);
+        f.outputs.push_back(x);
+      }
+      if (model_.is_last()) {
+        f.head_input = x.detach().requires_grad_(true);
+        const at::Tensor logits = model_.head(f.head_input);
+        const std::int64_t predicted = count * (len - 1);
+        const at::Tensor nll = next_token_nll_sum(logits, f.ids);
+        totals.nll_sum += nll.item<double>();
+        totals.predicted_tokens += predicted;
+        totals.sequences += count;
+        f.loss = nll / static_cast<double>(predicted);
+        if (on_logits) on_logits(m, f.ids, logits.detach());
+      } else {
+        comm_.send(x.detach().contiguous(), model_.rank() + 1, tag(m, kForward));
+      }
+    }
+
+    // Backward in reverse order, layer by layer; weight gradients live one layer at a time.
+    for (std::int64_t m = round_end - 1; m >= round; --m) {
+      InFlight& f = flight[m - round];
+      at::Tensor grad;
+      if (model_.is_last()) {
+        grad = torch::autograd::grad({f.loss}, {f.head_input})[0];
+        f.loss = at::Tensor();
+        f.head_input = at::Tensor();
+      } else {
+        grad = at::empty({f.ids.size(0), len, model_.config().hidden_size},
+                         at::TensorOptions().dtype(model_.dtype()));
+        comm_.recv(grad, model_.rank() + 1, tag(m, kBackward));
+      }
+      for (std::size_t i = layers; i-- > 0;) {
+        const DecoderLayer& layer = model_.decoder()[i];
+        std::vector<at::Tensor> wrt;
+        for (const auto& lin : layer.linears) wrt.push_back(lin.weight);
+        const bool input_grad = f.inputs[i].requires_grad();
+        if (input_grad) wrt.push_back(f.inputs[i]);
+        std::vector<at::Tensor> grads = torch::autograd::grad({f.outputs[i]}, wrt, {grad});
+        f.outputs[i] = at::Tensor();
+        f.inputs[i] = at::Tensor();
+        LayerGradients lg;
+        lg.micro_batch = m;
+        lg.layer = &layer;
+        for (int j = 0; j < kNumLinears; ++j) lg.weight_grads[j] = std::move(grads[j]);
+        grad = input_grad ? std::move(grads[kNumLinears]) : at::Tensor();
+        if (on_grads) on_grads(lg);
+      }
+      if (!model_.is_first()) comm_.send(grad.contiguous(), model_.rank() - 1, tag(m, kBackward));
+      if (on_progress) on_progress(++done, total);
+    }
+  }
+  share_totals(totals);
+  return totals;
+}
+
+}  // namespace csaq

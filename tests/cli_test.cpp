@@ -1,0 +1,170 @@
+// End-to-end tests of the csaq executable, single process and under mpirun.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "csaq/shard/model.h"
+#include "csaq/storage/safetensors.h"
+#include "support.h"
+
+namespace csaq {
+namespace {
+using nlohmann::json;
+using test::TempDir;
+
+struct Result {
+  int rc = -1;
+  std::string output;  // stdout and stderr
+};
+
+// Runs a shell command with a time limit (so that a hang fails instead of blocking).
+Result run(const std::string& command, int timeout_s = 120) {
+  static const bool env_set = [] {
+    // mpirun as root in containers, and more ranks than cores on small machines.
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
+    setenv("OMPI_MCA_rmaps_base_oversubscribe", "1", 0);
+    return true;
+  }();
+  (void)env_set;
+  Result r;
+  const std::string full = "timeout " + std::to_string(timeout_s) + " " + command + " 2>&1";
+  FILE* pipe = popen(full.c_str(), "r");
+  if (pipe == nullptr) return r;
+  char buf[4096];
+  std::size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string csaq() { return CSAQ_EXE; }
+std::string mpirun(int ranks) { return std::string(CSAQ_MPIEXEC) + " -n " + std::to_string(ranks) + " " + CSAQ_EXE; }
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return json::parse(in);
+}
+
+// A small random model: 3 layers so that 1, 2 and 3 ranks all divide it differently.
+void make_demo(const TempDir& dir) {
+  Result r = run(csaq() + " make-demo --out " + (dir / "demo") +
+                 " --layers 3 --hidden 64 --intermediate 160 --heads 4 --kv-heads 2 --vocab 128 --tokens 2048");
+  ASSERT_EQ(r.rc, 0) << r.output;
+}
+
+TEST(Cli, EvalGivesTheSamePerplexityOnOneTwoAndThreeRanks) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  const std::string args = " eval --model " + (dir / "demo") + " --data " + (dir / "demo/tokens.npy") +
+                           " --seq-len 100 --batch-size 2 --report ";
+  std::vector<json> reports;
+  for (int ranks = 1; ranks <= 3; ++ranks) {
+    const std::string report = dir / ("r" + std::to_string(ranks) + ".json");
+    Result r = run(mpirun(ranks) + args + report);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    EXPECT_NE(r.output.find("perplexity: "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("[eval] 10/10 batches"), std::string::npos) << r.output;
+    reports.push_back(read_json(report));
+    EXPECT_EQ(reports.back()["world_size"], ranks);
+    EXPECT_EQ(reports.back()["layer_partition"].size(), static_cast<std::size_t>(ranks));
+  }
+  for (const auto& rep : reports) {
+    EXPECT_EQ(rep["perplexity"].get<double>(), reports[0]["perplexity"].get<double>());
+    EXPECT_EQ(rep["sequences"], 20);  // 2048 tokens / 100, remainder dropped
+    EXPECT_EQ(rep["tokens"], 2000);
+    EXPECT_EQ(rep["predicted_tokens"], 20 * 99);
+    EXPECT_EQ(rep["seq_len"], 100);
+  }
+}
+
+TEST(Cli, TinyStoriesPerplexityOnOneAndTwoRanksMatchesTheReference) {
+  CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
+  CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");
+  TempDir dir;
+  for (int ranks : {1, 2}) {
+    const std::string report = dir / ("r" + std::to_string(ranks) + ".json");
+    Result r = run(mpirun(ranks) + " eval --model " + model_dir + " --data " + heldout +
+                   " --seq-len 512 --report " + report);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    const json rep = read_json(report);
+    EXPECT_NEAR(rep["perplexity"].get<double>(), 36.64, 36.64 * 1e-3);
+    EXPECT_EQ(rep["tokens"], 10240);
+    EXPECT_EQ(rep["sequences"], 20);
+  }
+  EXPECT_EQ(read_json(dir / "r1.json")["perplexity"].get<double>(),
+            read_json(dir / "r2.json")["perplexity"].get<double>());
+}
+
+TEST(Cli, AnExistingReportIsNotOverwrittenWithoutAsking) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  std::ofstream(dir / "report.json") << "keep me";
+  const std::string cmd = csaq() + " eval --model " + (dir / "demo") + " --data " + (dir / "demo/tokens.npy") +
+                          " --seq-len 64 --max-sequences 2 --report " + (dir / "report.json");
+  Result r = run(cmd);
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.output.find("already exists"), std::string::npos) << r.output;
+  std::ifstream in(dir / "report.json");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "keep me");
+  r = run(cmd + " --overwrite");
+  EXPECT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(dir / "report.json")["sequences"], 2);
+}
+
+TEST(Cli, AFailureOnOneRankEndsEveryRankWithThatRanksMessage) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  // Corrupt a tensor that only the last of 3 ranks loads; ranks 0 and 1 go on into the
+  // pipeline and would wait for rank 2 forever without the abort.
+  auto reader = storage::SafetensorsReader::open(dir / "demo");
+  std::vector<storage::NamedTensor> tensors;
+  for (const auto& name : reader.names()) {
+    at::Tensor t = reader.load(name).clone();
+    if (name == "model.layers.2.mlp.down_proj.weight") t = t.slice(1, 0, 10).clone();
+    tensors.emplace_back(name, t);
+  }
+  storage::write_safetensors(dir / "demo/model.safetensors", tensors, {}, /*overwrite=*/true);
+  Result r = run(mpirun(3) + " eval --model " + (dir / "demo") + " --data " + (dir / "demo/tokens.npy") +
+                     " --seq-len 64",
+                 /*timeout_s=*/60);
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.rc, 124) << "timed out: a rank hung\n" << r.output;
+  EXPECT_NE(r.output.find("error on rank 2 of 3"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.layers.2.mlp.down_proj.weight"), std::string::npos) << r.output;
+}
+
+TEST(Cli, BadCommandLinesAndInputsGiveClearErrors) {
+  TempDir dir;
+  Result r = run(csaq() + " eval --data x.npy --seq-len 8");
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.output.find("--model"), std::string::npos) << r.output;
+  r = run(csaq() + " frobnicate");
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.output.find("unknown command 'frobnicate'"), std::string::npos) << r.output;
+  r = run(csaq() + " eval --model " + dir.path() + " --data x.npy --seq-len 8");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find(dir / "config.json"), std::string::npos) << r.output;
+  r = run(mpirun(1) + " eval --help");
+  EXPECT_EQ(r.rc, 0);
+  EXPECT_NE(r.output.find("--seq-len"), std::string::npos) << r.output;
+}
+
+TEST(Cli, MakeDemoRefusesToOverwrite) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  Result r = run(csaq() + " make-demo --out " + (dir / "demo"));
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.output.find("already exists"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace csaq
