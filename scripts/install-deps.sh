@@ -10,7 +10,6 @@ packages=(
   libboost-program-options-dev
   libgtest-dev
   nlohmann-json3-dev
-  python3
 )
 missing=()
 for p in "${packages[@]}"; do
