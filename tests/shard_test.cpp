@@ -1,3 +1,4 @@
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -59,6 +60,38 @@ TEST(Config, LegacyRopeScalingEqualsRopeParameters) {
   EXPECT_EQ(a.rope.theta, b.rope.theta);
   EXPECT_EQ(a.rope.original_max_position_embeddings, b.rope.original_max_position_embeddings);
   EXPECT_TRUE(at::equal(position_tables(a, 16, at::kFloat).cos, position_tables(b, 16, at::kFloat).cos));
+}
+
+TEST(Rope, Llama3ScalingFollowsTheFormulaInEveryFrequencyBand) {
+  // Llama 3.1's RoPE settings; head_dim 128 puts frequencies in all three bands.
+  json j = base_config();
+  j["head_dim"] = 128;
+  j["rope_theta"] = 500000.0;
+  j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
+  const ModelConfig c = parse(j);
+  const std::int64_t pos = 3000;
+  const PositionTables t = position_tables(c, pos + 1, at::kFloat);
+  int bands[3] = {0, 0, 0};
+  for (int i = 0; i < 64; ++i) {
+    // The published formula in scalar double precision.
+    const double inv = 1.0 / std::pow(500000.0, 2.0 * i / 128.0);
+    const double wavelen = 2 * M_PI / inv;
+    double expected = inv;
+    if (wavelen > 8192) {
+      expected = inv / 8, ++bands[0];
+    } else if (wavelen >= 2048) {
+      const double smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0);
+      expected = (1 - smooth) * inv / 8 + smooth * inv, ++bands[1];
+    } else {
+      ++bands[2];
+    }
+    EXPECT_NEAR(t.cos[pos][i].item<double>(), std::cos(pos * expected), 2e-3) << "frequency " << i;
+    EXPECT_NEAR(t.sin[pos][i + 64].item<double>(), std::sin(pos * expected), 2e-3) << "frequency " << i;
+  }
+  EXPECT_GT(bands[0], 0);
+  EXPECT_GT(bands[1], 0);
+  EXPECT_GT(bands[2], 0);
 }
 
 TEST(Config, HeadDimGivenOrDerivedAndKvHeadsDefaultToHeads) {

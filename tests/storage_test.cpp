@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -54,6 +55,34 @@ TEST(Safetensors, HeaderIsEightByteAlignedAndTensorsContiguous) {
   EXPECT_EQ(j["__metadata__"]["format"], "pt");
   EXPECT_EQ(j["w"]["data_offsets"], nlohmann::json({0, 12}));  // 4-byte elements first
   EXPECT_EQ(j["v"]["data_offsets"], nlohmann::json({12, 13}));
+}
+
+TEST(Safetensors, WrittenFilesFollowTheLayoutHuggingFaceValidates) {
+  // safetensors' own reader rejects headers not starting with '{' and data sections with
+  // gaps, overlaps or unindexed bytes: offsets sorted must tile [0, data size) exactly.
+  TempDir dir;
+  write_safetensors(dir / "x.safetensors", {{"c", at::ones({3}, at::kByte)}, {"a", at::ones({5}, at::kHalf)},
+                                            {"b", at::ones({2, 3})}, {"d", at::ones({1}, at::kLong)}});
+  std::ifstream in(dir / "x.safetensors", std::ios::binary);
+  std::uint64_t len = 0;
+  in.read(reinterpret_cast<char*>(&len), 8);
+  std::string header(len, ' ');
+  in.read(header.data(), static_cast<std::streamsize>(len));
+  EXPECT_EQ(header.front(), '{');
+  EXPECT_EQ(header.find_last_not_of(' '), header.rfind('}'));
+  const std::string data((std::istreambuf_iterator<char>(in)), {});
+  auto j = nlohmann::json::parse(header);
+  std::vector<std::tuple<std::uint64_t, std::uint64_t, std::size_t>> spans;  // begin, end, element size
+  for (const auto& [name, e] : j.items())
+    if (name != "__metadata__") spans.emplace_back(e["data_offsets"][0], e["data_offsets"][1], dtype_size(e["dtype"]));
+  std::sort(spans.begin(), spans.end());
+  std::uint64_t expect = 0;
+  for (const auto& [b, e, elem] : spans) {
+    EXPECT_EQ(b, expect);
+    expect = e;
+    EXPECT_EQ(b % elem, 0u) << "larger elements first keeps every tensor aligned to its dtype";
+  }
+  EXPECT_EQ(expect, data.size());
 }
 
 TEST(Safetensors, RefusesToOverwriteUnlessAsked) {
