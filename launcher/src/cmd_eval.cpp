@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "csaq/packer/checkpoint.h"
 #include "csaq/shard/pipeline.h"
 #include "csaq/shard/progress.h"
 #include "csaq/storage/error.h"
@@ -15,12 +16,13 @@ namespace csaq::cli {
 namespace po = boost::program_options;
 
 int run_eval(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_dir, data_path, report_path;
+  std::string model_dir, quantized, data_path, report_path;
   std::int64_t seq_len = 0, max_sequences = -1, batch_size = 1;
   int threads = 0;
   po::options_description options("csaq eval options");
   options.add_options()
-      ("model", po::value(&model_dir)->required(), "Hugging Face model directory (config.json + safetensors)")
+      ("model", po::value(&model_dir), "Hugging Face model directory (config.json + safetensors)")
+      ("quantized", po::value(&quantized), "csaq checkpoint to evaluate instead of --model")
       ("data", po::value(&data_path)->required(), "token file: 1-D .npy of int32/int64/uint16/uint32")
       ("seq-len", po::value(&seq_len)->required(), "tokens per sequence (non-overlapping windows, remainder dropped)")
       ("max-sequences", po::value(&max_sequences), "evaluate at most this many sequences (default: all)")
@@ -30,6 +32,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
       ("threads", po::value(&threads)->default_value(0), "intra-op threads per rank (0: cores / ranks on the node)");
   po::variables_map vm;
   if (!parse_options("eval", options, args, vm, comm)) return 0;
+  if (model_dir.empty() == quantized.empty()) throw UsageError{"give exactly one of --model and --quantized"};
   if (vm.count("max-sequences") && max_sequences < 1) throw UsageError{"--max-sequences must be at least 1"};
   if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
   const bool overwrite = vm.count("overwrite") > 0;
@@ -37,7 +40,10 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   set_threads(threads, comm);
 
   const auto t0 = std::chrono::steady_clock::now();
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  std::unique_ptr<QuantizedCheckpoint> ckpt;
+  if (!quantized.empty()) ckpt = std::make_unique<QuantizedCheckpoint>(quantized);
+  ModelShard model = ckpt ? ModelShard(ckpt->config(), comm.rank(), comm.size(), ckpt->source())
+                          : load_model_shard(model_dir, comm.rank(), comm.size());
   TokenSequences data = TokenSequences::from_npy(data_path, seq_len, max_sequences);
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{batch_size, 1});
@@ -56,6 +62,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
           {"command", "eval"},
           {"csaq_version", CSAQ_VERSION},
           {"model", model_dir},
+          {"quantized", quantized},
           {"data", data_path},
           {"perplexity", perplexity},
           {"mean_nll", totals.mean_nll()},

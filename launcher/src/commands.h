@@ -17,6 +17,9 @@ struct UsageError {
 
 int run_eval(const std::vector<std::string>& args, Communicator& comm);
 int run_make_demo(const std::vector<std::string>& args, Communicator& comm);
+int run_quantize(const std::vector<std::string>& args, Communicator& comm);
+int run_export(const std::vector<std::string>& args, Communicator& comm);
+int run_inspect(const std::vector<std::string>& args, Communicator& comm);
 
 // Parses `args` against `options` (plus --help) into `vm`. Returns false after printing
 // the help text (rank 0), when the caller should exit 0. Unknown options throw.

@@ -19,7 +19,10 @@ const char* kUsage =
     "usage: csaq <command> [options]\n"
     "\n"
     "commands:\n"
-    "  eval       perplexity of a model on a token file\n"
+    "  quantize   calibrate, choose bits per weight and write a quantized checkpoint\n"
+    "  eval       perplexity of a model (or of a quantized checkpoint) on a token file\n"
+    "  export     write a quantized checkpoint as a dequantized Hugging Face model\n"
+    "  inspect    summarize a quantized checkpoint\n"
     "  make-demo  write a small random Llama checkpoint and token file (no downloads)\n"
     "\n"
     "Run under mpirun/srun to shard the model's layers across ranks.\n"
@@ -77,6 +80,9 @@ int main(int argc, char** argv) {
   try {
     if (command == "eval") return csaq::cli::run_eval(args, *comm);
     if (command == "make-demo") return csaq::cli::run_make_demo(args, *comm);
+    if (command == "quantize") return csaq::cli::run_quantize(args, *comm);
+    if (command == "export") return csaq::cli::run_export(args, *comm);
+    if (command == "inspect") return csaq::cli::run_inspect(args, *comm);
     throw csaq::cli::UsageError{"unknown command '" + command + "'"};
   } catch (const csaq::cli::UsageError& e) {
     // Every rank sees the same command line: one message, every rank exits.

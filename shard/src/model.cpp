@@ -17,22 +17,9 @@ const std::array<const char*, kNumLinears> kLinearNames = {
 
 namespace {
 
-constexpr const char* kEmbed = "model.embed_tokens.weight";
-constexpr const char* kLmHead = "lm_head.weight";
-constexpr const char* kFinalNorm = "model.norm.weight";
-
-// [out, in] of each Linear, in kLinearNames order.
-std::array<std::pair<std::int64_t, std::int64_t>, kNumLinears> linear_shapes(const ModelConfig& c) {
-  const std::int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  const std::int64_t h = c.hidden_size, i = c.intermediate_size;
-  return {{{q, h}, {kv, h}, {kv, h}, {h, q}, {i, h}, {i, h}, {h, i}}};
-}
-
-bool has_bias(const ModelConfig& c, int linear) {
-  if (linear <= 2) return c.qkv_bias;
-  if (linear == 3) return c.o_bias;
-  return c.mlp_bias;
-}
+constexpr const char* kEmbed = kEmbedName;
+constexpr const char* kLmHead = kLmHeadName;
+constexpr const char* kFinalNorm = kFinalNormName;
 
 std::string layer_prefix(std::int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
@@ -71,12 +58,26 @@ std::string hf_linear_name(std::int64_t layer, int linear, const char* param) {
   return layer_prefix(layer) + kLinearNames.at(linear) + "." + param;
 }
 
+std::array<std::pair<std::int64_t, std::int64_t>, kNumLinears> linear_shapes(const ModelConfig& c) {
+  const std::int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  const std::int64_t h = c.hidden_size, i = c.intermediate_size;
+  return {{{q, h}, {kv, h}, {kv, h}, {h, q}, {i, h}, {i, h}, {h, i}}};
+}
+
+bool linear_has_bias(const ModelConfig& c, int linear) {
+  if (linear <= 2) return c.qkv_bias;
+  if (linear == 3) return c.o_bias;
+  return c.mlp_bias;
+}
+
+std::string hf_layer_name(std::int64_t layer, const char* rest) { return layer_prefix(layer) + rest; }
+
 std::uint64_t layer_parameters(const ModelConfig& c) {
   std::uint64_t n = 2 * static_cast<std::uint64_t>(c.hidden_size);  // two norms
   const auto shapes = linear_shapes(c);
   for (int i = 0; i < kNumLinears; ++i)
     n += static_cast<std::uint64_t>(shapes[i].first) *
-         (static_cast<std::uint64_t>(shapes[i].second) + (has_bias(c, i) ? 1 : 0));
+         (static_cast<std::uint64_t>(shapes[i].second) + (linear_has_bias(c, i) ? 1 : 0));
   return n;
 }
 
@@ -177,7 +178,7 @@ ModelShard::ModelShard(ModelConfig config, int rank, int world, const TensorSour
     for (int i = 0; i < kNumLinears; ++i) {
       layer.linears[i].weight =
           fetch(hf_linear_name(l, i), {shapes[i].first, shapes[i].second}).requires_grad_(true);
-      if (has_bias(c, i)) layer.linears[i].bias = fetch(hf_linear_name(l, i, "bias"), {shapes[i].first});
+      if (linear_has_bias(c, i)) layer.linears[i].bias = fetch(hf_linear_name(l, i, "bias"), {shapes[i].first});
     }
     decoder_.push_back(std::move(layer));
   }
@@ -287,7 +288,7 @@ std::vector<std::pair<std::string, at::Tensor>> random_model_weights(const Model
     for (int i = 0; i < kNumLinears; ++i) {
       const auto [rows, cols] = shapes[i];
       out.emplace_back(hf_linear_name(l, i), normal({rows, cols}, 1.0 / std::sqrt(static_cast<double>(cols))));
-      if (has_bias(c, i)) out.emplace_back(hf_linear_name(l, i, "bias"), normal({rows}, 0.05));
+      if (linear_has_bias(c, i)) out.emplace_back(hf_linear_name(l, i, "bias"), normal({rows}, 0.05));
     }
   }
   out.emplace_back(kFinalNorm, 1.0 + normal({c.hidden_size}, 0.1));

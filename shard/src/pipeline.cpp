@@ -88,7 +88,7 @@ LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& 
 
 LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                                const LinearObserver* observer, const LogitsCallback& on_logits,
-                               const ProgressCallback& on_progress) {
+                               const ProgressCallback& on_progress, const RoundCallback& after_round) {
   at::AutoGradMode grad_mode(true);
   const std::int64_t len = data.seq_len(), total = micro_batches(data);
   const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
@@ -165,6 +165,8 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       if (!model_.is_first()) comm_.send(grad.contiguous(), model_.rank() - 1, tag(m, kBackward));
       if (on_progress) on_progress(++done, total);
     }
+    const std::int64_t sequences_done = std::min(data.size(), round_end * options_.micro_batch_size);
+    if (after_round && after_round(sequences_done)) break;
   }
   share_totals(totals);
   return totals;

@@ -44,8 +44,16 @@ std::uint64_t layer_parameters(const ModelConfig& config);
 inline constexpr int kNumLinears = 7;
 extern const std::array<const char*, kNumLinears> kLinearNames;  // "self_attn.q_proj", ...
 
-// Hugging Face tensor name, e.g. hf_linear_name(3, 0) = "model.layers.3.self_attn.q_proj.weight".
+// [out, in] of each Linear of a decoder layer (kLinearNames order), and whether it has a bias.
+std::array<std::pair<std::int64_t, std::int64_t>, kNumLinears> linear_shapes(const ModelConfig& config);
+bool linear_has_bias(const ModelConfig& config, int linear);
+
+// Hugging Face tensor names, e.g. hf_linear_name(3, 0) = "model.layers.3.self_attn.q_proj.weight".
 std::string hf_linear_name(std::int64_t layer, int linear, const char* param = "weight");
+std::string hf_layer_name(std::int64_t layer, const char* rest);  // "model.layers.<layer>.<rest>"
+inline constexpr const char* kEmbedName = "model.embed_tokens.weight";
+inline constexpr const char* kLmHeadName = "lm_head.weight";
+inline constexpr const char* kFinalNormName = "model.norm.weight";
 
 struct Linear {
   at::Tensor weight;  // [out, in]; a leaf that requires grad
@@ -98,6 +106,10 @@ class ModelShard {
   bool is_last() const { return rank_ == world_ - 1; }
   at::ScalarType dtype() const { return dtype_; }
   const std::vector<DecoderLayer>& decoder() const { return decoder_; }
+  // First rank: the token embedding; last rank: final norm and lm_head (undefined elsewhere).
+  const at::Tensor& embed_tokens() const { return embed_tokens_; }
+  const at::Tensor& final_norm() const { return final_norm_; }
+  const at::Tensor& lm_head() const { return lm_head_; }
   std::uint64_t parameter_bytes() const;
 
   // First rank: token ids [b, L] -> hidden states [b, L, hidden].

@@ -47,6 +47,10 @@ using LogitsCallback =
     std::function<void(std::int64_t micro_batch, const at::Tensor& ids, const at::Tensor& logits)>;
 // Every rank, after each micro-batch it finished (forward for evaluate, backward for calibrate).
 using ProgressCallback = std::function<void(std::int64_t done, std::int64_t total)>;
+// Every rank, after each round of `in_flight` micro-batches, with the sequences done so far;
+// returning true stops calibration there. It may run collectives, and every rank must return
+// the same answer (early stopping decides globally this way).
+using RoundCallback = std::function<bool(std::int64_t sequences_done)>;
 
 // Not thread-safe; one per rank, all ranks calling the same methods in the same order.
 class Pipeline {
@@ -64,7 +68,8 @@ class Pipeline {
   LossTotals calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                        const LinearObserver* observer = nullptr,
                        const LogitsCallback& on_logits = {},
-                       const ProgressCallback& on_progress = {});
+                       const ProgressCallback& on_progress = {},
+                       const RoundCallback& after_round = {});
 
  private:
   at::Tensor receive_hidden(std::int64_t batch, std::int64_t seq_len, std::int64_t micro_batch);

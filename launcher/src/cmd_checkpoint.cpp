@@ -1,0 +1,88 @@
+// csaq export / csaq inspect: reading a quantized checkpoint.
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "csaq/packer/checkpoint.h"
+#include "csaq/storage/error.h"
+
+namespace csaq::cli {
+namespace po = boost::program_options;
+
+int run_export(const std::vector<std::string>& args, Communicator& comm) {
+  std::string ckpt_path, out, dtype = "float32";
+  double shard_gb = 5.0;
+  po::options_description options("csaq export options");
+  options.add_options()
+      ("quantized", po::value(&ckpt_path)->required(), "csaq checkpoint (HDF5)")
+      ("out", po::value(&out)->required(), "directory for config.json + safetensors")
+      ("format", po::value<std::string>()->default_value("safetensors"), "output format (safetensors)")
+      ("dtype", po::value(&dtype)->default_value(dtype), "float32 | float16 | bfloat16")
+      ("max-shard-gb", po::value(&shard_gb)->default_value(shard_gb), "largest safetensors file before sharding")
+      ("overwrite", "replace existing files in --out");
+  po::variables_map vm;
+  if (!parse_options("export", options, args, vm, comm)) return 0;
+  if (vm["format"].as<std::string>() != "safetensors") throw UsageError{"--format must be safetensors"};
+  const at::ScalarType type = dtype == "float32" ? at::kFloat : dtype == "float16" ? at::kHalf
+                              : dtype == "bfloat16" ? at::kBFloat16 : at::ScalarType::Undefined;
+  if (type == at::ScalarType::Undefined) throw UsageError{"--dtype must be float32, float16 or bfloat16"};
+  if (comm.rank() != 0) return 0;  // one writer
+  QuantizedCheckpoint ckpt(ckpt_path);
+  const auto files = export_checkpoint(ckpt, out, type, static_cast<std::uint64_t>(shard_gb * 1e9),
+                                       vm.count("overwrite") > 0);
+  std::printf("wrote %zu files to %s\n", files.size(), out.c_str());
+  return 0;
+}
+
+int run_inspect(const std::vector<std::string>& args, Communicator& comm) {
+  std::string ckpt_path;
+  po::options_description options("csaq inspect options");
+  options.add_options()("checkpoint", po::value(&ckpt_path)->required(), "csaq checkpoint (HDF5)");
+  po::positional_options_description positional;
+  positional.add("checkpoint", 1);
+  po::variables_map vm;
+  options.add_options()("help,h", "show this help");
+  po::store(po::command_line_parser(args).options(options).positional(positional).run(), vm);
+  if (vm.count("help")) {
+    if (comm.rank() == 0) std::cout << "usage: csaq inspect CHECKPOINT\n\n" << options;
+    return 0;
+  }
+  po::notify(vm);
+  if (comm.rank() != 0) return 0;
+  QuantizedCheckpoint ckpt(ckpt_path);
+  const ModelConfig& c = ckpt.config();
+  std::printf("%s: csaq checkpoint, format version %lld\n", ckpt_path.c_str(), static_cast<long long>(kCheckpointFormatVersion));
+  std::printf("model: %s, %lld layers, hidden %lld, vocab %lld\n", c.model_type.c_str(), static_cast<long long>(c.num_layers),
+              static_cast<long long>(c.hidden_size), static_cast<long long>(c.vocab_size));
+  // Recounted from the stored rows, not taken from the report.
+  std::map<int, std::int64_t> weights_at;
+  std::int64_t weights = 0, leaders = 0;
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    std::int64_t layer_weights = 0;
+    double layer_bits = 0;
+    for (int i = 0; i < kNumLinears; ++i) {
+      const PackedLinear p = ckpt.linear(l, i);
+      const at::Tensor bits = p.row_bits.to(at::kLong);
+      for (std::int64_t r = 0; r < p.out; ++r) weights_at[static_cast<int>(bits[r].item<std::int64_t>())] += p.in;
+      leaders += (p.row_leader.to(at::kLong) == at::arange(p.out, at::kLong)).sum().item<std::int64_t>();
+      layer_weights += p.out * p.in;
+      layer_bits += bits.sum().item<double>() * double(p.in);
+    }
+    weights += layer_weights;
+    std::printf("layer %3lld: %.3f payload bits per weight\n", static_cast<long long>(l), layer_bits / double(layer_weights));
+  }
+  std::printf("decoder weights: %lld in %lld units\n", static_cast<long long>(weights), static_cast<long long>(leaders));
+  for (const auto& [bits, n] : weights_at)
+    std::printf("  %2d bits: %lld weights (%.1f%%)\n", bits, static_cast<long long>(n), 100.0 * double(n) / double(weights));
+  const auto report = nlohmann::json::parse(ckpt.report_json());
+  if (report.contains("bits"))
+    std::printf("report: %.4f total bits per weight, %.4f payload\n", report["bits"]["total_per_weight"].get<double>(),
+                report["bits"]["payload_per_weight"].get<double>());
+  return 0;
+}
+
+}  // namespace csaq::cli

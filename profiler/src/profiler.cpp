@@ -1,0 +1,189 @@
+#include "csaq/profiler/profiler.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "csaq/storage/error.h"
+
+namespace csaq {
+
+SalienceKind parse_salience_kind(const std::string& name) {
+  if (name == "causal") return SalienceKind::kCausal;
+  if (name == "fisher") return SalienceKind::kFisher;
+  if (name == "activation") return SalienceKind::kActivation;
+  if (name == "magnitude") return SalienceKind::kMagnitude;
+  CSAQ_FAIL("unknown salience '", name, "' (choose causal, fisher, activation or magnitude)");
+}
+
+const char* salience_kind_name(SalienceKind kind) {
+  switch (kind) {
+    case SalienceKind::kCausal: return "causal";
+    case SalienceKind::kFisher: return "fisher";
+    case SalienceKind::kActivation: return "activation";
+    case SalienceKind::kMagnitude: return "magnitude";
+  }
+  return "?";
+}
+
+Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions options)
+    : model_(model), comm_(comm), options_(options) {
+  for (const DecoderLayer& layer : model_.decoder()) {
+    for (int i = 0; i < kNumLinears; ++i) {
+      const at::Tensor& w = layer.linears[i].weight;
+      const std::int64_t out = w.size(0), in = w.size(1);
+      stats_.push_back(LinearStats{layer.index, i, at::zeros({out, in}, at::kFloat), at::zeros({out, in}, at::kFloat),
+                                   at::zeros({in}, at::kDouble), 0, 0,
+                                   CoActivation(out, options_.candidates, options_.fire_fraction)});
+      // The same weights are sampled for a Linear whatever rank holds it.
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
+          options_.seed + static_cast<std::uint64_t>(layer.index * kNumLinears + i));
+      sample_index_.push_back(at::randint(out * in, {options_.sample_per_linear}, gen, at::kLong));
+    }
+  }
+  observer_ = [this](std::int64_t layer, int linear, const at::Tensor& input, const at::Tensor& output) {
+    LinearStats& s = stats_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumLinears + linear)];
+    const at::Tensor x = input.detach();
+    s.input_abs_sum += x.reshape({-1, x.size(-1)}).abs().sum(0, /*keepdim=*/false, at::kDouble);
+    s.tokens += x.numel() / x.size(-1);
+    s.coact.observe(output);
+  };
+}
+
+const LinearStats& Profiler::stats(std::int64_t layer, int linear) const {
+  CSAQ_ASSERT(model_.layers().contains(layer), "layer ", layer, " is not on rank ", model_.rank());
+  return stats_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumLinears + linear)];
+}
+
+const Linear& Profiler::weights(std::int64_t layer, int linear) const {
+  return model_.decoder()[static_cast<std::size_t>(layer - model_.layers().begin)].linears[linear];
+}
+
+GradientCallback Profiler::gradient_callback() {
+  return [this](const LayerGradients& g) {
+    for (int i = 0; i < kNumLinears; ++i) {
+      LinearStats& s = stats_[static_cast<std::size_t>((g.layer->index - model_.layers().begin) * kNumLinears + i)];
+      const at::Tensor grad = g.weight_grads[i].to(at::kFloat);
+      const at::Tensor w = g.layer->linears[i].weight.detach().to(at::kFloat);
+      s.causal.add_((grad * w).abs_());
+      s.fisher.addcmul_(grad, grad);
+      ++s.micro_batches;
+    }
+  };
+}
+
+at::Tensor Profiler::salience(std::int64_t layer, int linear, SalienceKind kind) const {
+  const LinearStats& s = stats(layer, linear);
+  const at::Tensor w = weights(layer, linear).weight.detach().to(at::kFloat);
+  switch (kind) {
+    case SalienceKind::kCausal: return s.causal;
+    case SalienceKind::kFisher: return s.fisher;
+    case SalienceKind::kActivation: {
+      const at::Tensor mean = (s.input_abs_sum / std::max<std::int64_t>(1, s.tokens)).to(at::kFloat);
+      return w.abs() * mean.unsqueeze(0);
+    }
+    case SalienceKind::kMagnitude: return w.abs();
+  }
+  return {};
+}
+
+at::Tensor Profiler::row_leaders(std::int64_t layer, int linear, double clique_threshold) const {
+  return find_cliques(stats(layer, linear).coact, salience(layer, linear, options_.kind).sum(1), clique_threshold);
+}
+
+at::Tensor Profiler::global_sample(SalienceKind kind) const {
+  const std::int64_t m = options_.sample_per_linear;
+  at::Tensor all = at::zeros({model_.config().num_layers * kNumLinears * m}, at::kFloat);
+  for (std::size_t k = 0; k < stats_.size(); ++k) {
+    const LinearStats& s = stats_[k];
+    const std::int64_t slot = s.layer * kNumLinears + s.linear;
+    all.slice(0, slot * m, (slot + 1) * m)
+        .copy_(salience(s.layer, s.linear, kind).reshape({-1}).index_select(0, sample_index_[k]));
+  }
+  comm_.all_reduce(all, ReduceOp::kSum);  // each slot is non-zero on exactly one rank
+  return all;
+}
+
+RoundCallback Profiler::round_callback() {
+  // Samples every `check_every` sequences; from the second sample on, compares with the
+  // previous one, and stops once `min_sequences` are done and rho is high enough. The
+  // sample is all-reduced first, so every rank computes the same rho and decision.
+  return [this](std::int64_t sequences) {
+    if (!options_.early_stop || sequences - last_check_ < options_.check_every) return false;
+    last_check_ = sequences;
+    at::Tensor sample = global_sample(options_.kind);
+    std::swap(sample, previous_sample_);
+    if (!sample.defined()) return false;
+    const double rho = spearman(sample, previous_sample_);
+    checks_.push_back({sequences, rho});
+    stopped_early_ = sequences >= options_.min_sequences && rho >= options_.rho;
+    return stopped_early_;
+  };
+}
+
+std::size_t Profiler::state_bytes() const {
+  std::size_t n = 0;
+  for (const auto& s : stats_) n += s.causal.nbytes() + s.fisher.nbytes() + s.input_abs_sum.nbytes() + s.coact.state_bytes();
+  return n;
+}
+
+double spearman(const at::Tensor& a, const at::Tensor& b) {
+  auto ranks = [](const at::Tensor& v) {
+    const at::Tensor order = std::get<1>(at::sort(v.to(at::kDouble), /*stable=*/true, 0, false));
+    at::Tensor r = at::empty_like(order, at::kDouble);
+    r.index_put_({order}, at::arange(v.numel(), at::kDouble));
+    return r;
+  };
+  const at::Tensor ra = ranks(a), rb = ranks(b);
+  const at::Tensor da = ra - ra.mean(), db = rb - rb.mean();
+  const double denom = std::sqrt((da * da).sum().item<double>() * (db * db).sum().item<double>());
+  return denom > 0 ? (da * db).sum().item<double>() / denom : 1.0;
+}
+
+}  // namespace csaq
+
+namespace csaq {
+namespace {
+
+// Smallest t (to bisection precision) such that at most `fraction` of all values are >= t.
+double global_top_threshold(const std::vector<at::Tensor>& values, double fraction, Communicator& comm) {
+  at::Tensor stats = at::zeros({2}, at::kDouble);  // count, max
+  for (const auto& v : values) {
+    stats[0] += static_cast<double>(v.numel());
+    stats[1] = std::max(stats[1].item<double>(), v.max().item<double>());
+  }
+  at::Tensor count = stats.slice(0, 0, 1).clone(), top = stats.slice(0, 1, 2).clone();
+  comm.all_reduce(count, ReduceOp::kSum);
+  comm.all_reduce(top, ReduceOp::kMax);
+  const double wanted = fraction * count.item<double>();
+  double lo = 0.0, hi = top.item<double>() * (1 + 1e-12) + 1e-300;
+  for (int i = 0; i < 100; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    at::Tensor above = at::zeros({1}, at::kLong);
+    for (const auto& v : values) above += (v >= mid).sum();
+    comm.all_reduce(above, ReduceOp::kSum);
+    (static_cast<double>(above.item<std::int64_t>()) > wanted ? lo : hi) = mid;
+  }
+  return hi;
+}
+
+}  // namespace
+
+double top_fraction_agreement(const Profiler& profiler, SalienceKind a, SalienceKind b, double fraction,
+                              Communicator& comm) {
+  std::vector<at::Tensor> va, vb;
+  for (const auto& s : profiler.stats()) {
+    va.push_back(profiler.salience(s.layer, s.linear, a));
+    vb.push_back(profiler.salience(s.layer, s.linear, b));
+  }
+  const double ta = global_top_threshold(va, fraction, comm), tb = global_top_threshold(vb, fraction, comm);
+  at::Tensor counts = at::zeros({2}, at::kLong);
+  for (std::size_t i = 0; i < va.size(); ++i) {
+    const at::Tensor top_a = va[i] >= ta;
+    counts[0] += top_a.sum();
+    counts[1] += at::logical_and(top_a, vb[i] >= tb).sum();
+  }
+  comm.all_reduce(counts, ReduceOp::kSum);
+  return counts[0].item<std::int64_t>() ? double(counts[1].item<std::int64_t>()) / double(counts[0].item<std::int64_t>()) : 0.0;
+}
+
+}  // namespace csaq
