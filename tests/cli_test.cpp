@@ -3,9 +3,11 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "csaq/packer/checkpoint.h"
 #include "csaq/shard/model.h"
 #include "csaq/storage/safetensors.h"
 #include "support.h"
@@ -164,6 +166,89 @@ TEST(Cli, MakeDemoRefusesToOverwrite) {
   Result r = run(csaq() + " make-demo --out " + (dir / "demo"));
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.output.find("already exists"), std::string::npos) << r.output;
+}
+
+double perplexity_of(const Result& r) {
+  const auto pos = r.output.find("perplexity: ");
+  return pos == std::string::npos ? -1.0 : std::stod(r.output.substr(pos + 12));
+}
+
+TEST(CliQuantize, CsaqBeatsRoundToNearestOnTinyStoriesAtFourTotalBits) {
+  CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
+  CSAQ_REQUIRE_SHARED(calib, "data/tinystories-calib.npy");
+  CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");
+  TempDir dir;
+  const std::string common = " quantize --model " + model_dir + " --target-bits 4.0 --bit-options 2,3,4,8";
+  Result r = run(mpirun(2) + common + " --calib " + calib + " --seq-len 512 --out " + (dir / "csaq.h5") +
+                 " --report " + (dir / "csaq.json"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("[profile] "), std::string::npos) << r.output;
+  r = run(csaq() + common + " --method rtn --out " + (dir / "rtn.h5") + " --report " + (dir / "rtn.json"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const json rep = read_json(dir / "csaq.json");
+  EXPECT_LE(rep["bits"]["total_per_weight"].get<double>(), 4.0);
+  EXPECT_GT(rep["bits"]["total_per_weight"].get<double>(), 3.99);
+  EXPECT_LT(rep["bits"]["payload_per_weight"].get<double>(), rep["bits"]["total_per_weight"].get<double>());
+  EXPECT_EQ(rep["world_size"], 2);
+  EXPECT_EQ(rep["bits"]["per_layer_total"].size(), 2u);
+  for (const char* key : {"cliques", "early_stop", "time_s", "agreement_top5", "solver"}) EXPECT_TRUE(rep.contains(key)) << key;
+  EXPECT_GE(rep["early_stop"]["sequences_used"].get<int>(), 16);
+  const double agreement = rep["agreement_top5"].get<double>();
+  EXPECT_TRUE(agreement > 0 && agreement < 1) << agreement;
+  std::int64_t histogram = 0;
+  for (const auto& [bits, n] : rep["bits"]["histogram"].items()) histogram += n.get<std::int64_t>();
+  EXPECT_EQ(histogram, rep["bits"]["weights"].get<std::int64_t>());
+
+  const Result q = run(mpirun(2) + " eval --quantized " + (dir / "csaq.h5") + " --data " + heldout + " --seq-len 512");
+  const Result b = run(csaq() + " eval --quantized " + (dir / "rtn.h5") + " --data " + heldout + " --seq-len 512");
+  ASSERT_EQ(q.rc, 0) << q.output;
+  ASSERT_EQ(b.rc, 0) << b.output;
+  EXPECT_LT(perplexity_of(q), perplexity_of(b));
+  EXPECT_GT(perplexity_of(q), 36.64);  // quantization costs something
+}
+
+TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  const std::string data = " --data " + (dir / "demo/tokens.npy") + " --seq-len 64";
+  Result r = run(mpirun(3) + " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") +
+                 " --seq-len 64 --samples 16 --target-bits 5 --bit-options 2,4,8 --group-size 32 --out " +
+                 (dir / "q.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run(csaq() + " export --quantized " + (dir / "q.h5") + " --out " + (dir / "hf"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const QuantizedCheckpoint ckpt(dir / "q.h5");
+  auto reader = storage::SafetensorsReader::open(dir / "hf");
+  EXPECT_EQ(reader.names().size(), ckpt.tensor_names().size());
+  for (const auto& name : ckpt.tensor_names()) EXPECT_TRUE(at::equal(reader.load(name), ckpt.tensor(name))) << name;
+  const Result a = run(csaq() + " eval --quantized " + (dir / "q.h5") + data);
+  const Result b = run(mpirun(2) + " eval --model " + (dir / "hf") + data);
+  ASSERT_EQ(a.rc, 0) << a.output;
+  ASSERT_EQ(b.rc, 0) << b.output;
+  EXPECT_EQ(perplexity_of(a), perplexity_of(b));
+  r = run(csaq() + " inspect " + (dir / "q.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("model: llama, 3 layers"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("layer   2:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("total bits per weight"), std::string::npos) << r.output;
+}
+
+TEST(CliQuantize, UnreachableTargetAndExistingOutputFailBeforeAnyWork) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  const std::string base = " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") + " --seq-len 64 --group-size 32";
+  Result r = run(mpirun(2) + base + " --target-bits 2.0 --bit-options 2,4 --out " + (dir / "q.h5"));
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--target-bits 2 is unreachable"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("[profile]"), std::string::npos) << "must fail before calibrating";
+  EXPECT_FALSE(std::filesystem::exists(dir / "q.h5"));
+  std::ofstream(dir / "q.h5") << "keep";
+  r = run(csaq() + base + " --target-bits 4 --out " + (dir / "q.h5"));
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.output.find("already exists"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("[profile]"), std::string::npos);
 }
 
 }  // namespace

@@ -18,7 +18,13 @@ GroupParams group_params(const at::Tensor& rows, int bits, std::int64_t group) {
   const at::Tensor g = rows.to(at::kFloat).reshape({rows.size(0), -1, group});
   const at::Tensor lo = std::get<0>(g.min(2)).clamp_max(0), hi = std::get<0>(g.max(2)).clamp_min(0);
   const double qmax = static_cast<double>((1 << bits) - 1);
-  at::Tensor scale = ((hi - lo) / qmax).to(at::kHalf).to(at::kFloat);
+  // fp16 scale rounded up, never down: the group's own [lo, hi] stays representable, so no
+  // value of the leader row is clipped and its error is at most half a step.
+  const at::Tensor exact = (hi - lo) / qmax;
+  at::Tensor half = exact.to(at::kHalf);
+  const at::Tensor below = half.to(at::kFloat) < exact;
+  half = at::where(below, (half.view(at::kShort) + 1).view(at::kHalf), half);
+  at::Tensor scale = half.to(at::kFloat);
   CSAQ_CHECK(at::isfinite(scale).all().item<bool>(), "a weight group's range overflows fp16 scales");
   scale = at::where(scale > 0, scale, at::ones_like(scale));
   const at::Tensor zero = at::round(-lo / scale).clamp(0, qmax).to(at::kByte);

@@ -291,6 +291,11 @@ Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Com
 
   Solver solver(units, comm, s.budget_bits);
   const auto options = static_cast<std::int64_t>(opt.bit_options.size());
+  solver.choose_constant(0);
+  const std::int64_t least = solver.global_bits();
+  CSAQ_CHECK(least <= s.budget_bits, "--target-bits ", opt.target_bits, " is unreachable: every unit at ",
+             opt.bit_options.front(), " bits already takes ", double(least) / double(s.weights),
+             " bits per weight");
   switch (opt.kind) {
     case SolverKind::kLagrangian: s.lambda = solver.lagrangian(); break;
     case SolverKind::kThreshold: solver.threshold(options); break;

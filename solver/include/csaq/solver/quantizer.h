@@ -1,8 +1,8 @@
 // Asymmetric uniform b-bit quantization, group-wise along a row's input dimension.
 //
 // For each group of a leader row: lo = min(min(w), 0), hi = max(max(w), 0) (zero inside the
-// range, so the zero-point is a valid code), scale = (hi - lo) / (2^b - 1) rounded to fp16
-// (1 where that is 0), zero = round(-lo / scale) as uint8. A code is
+// range, so the zero-point is a valid code), scale = (hi - lo) / (2^b - 1) rounded UP to the
+// next fp16 value (1 where that is 0), zero = round(-lo / scale) as uint8. A code is
 // clamp(round(w / scale) + zero, 0, 2^b - 1) and dequantizes to (code - zero) * scale.
 // Follower rows of a clique use their leader's scale and zero-point. b = 16 stores the value
 // as fp16 (its bit pattern is the "code") and has no scale or zero-point.
