@@ -234,6 +234,38 @@ TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
   EXPECT_NE(r.output.find("total bits per weight"), std::string::npos) << r.output;
 }
 
+TEST(CliQuantize, StagesRunAloneGiveTheSameCheckpointAsQuantize) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  const std::string model = " --model " + (dir / "demo");
+  const std::string calib = " --calib " + (dir / "demo/tokens.npy") + " --seq-len 64 --samples 16";
+  const std::string budget = " --bit-options 2,4,8 --group-size 32 --clique-threshold 0.5";
+  Result r = run(mpirun(2) + " quantize" + model + calib + budget + " --target-bits 5 --out " + (dir / "one.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run(mpirun(2) + " profile" + model + calib + " --out " + (dir / "s.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  for (const char* target : {"5", "4"}) {  // re-solving needs no calibration
+    r = run(mpirun(3) + " solve" + model + " --profile " + (dir / "s.h5") + budget + " --target-bits " + target +
+            " --out " + (dir / ("plan" + std::string(target) + ".h5")));
+    ASSERT_EQ(r.rc, 0) << r.output;
+    EXPECT_EQ(r.output.find("[profile]"), std::string::npos) << r.output;
+  }
+  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan5.h5") + " --out " + (dir / "staged.h5") + " --report " +
+          (dir / "staged.json"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const QuantizedCheckpoint one(dir / "one.h5"), staged(dir / "staged.h5");
+  for (const auto& name : one.tensor_names()) EXPECT_TRUE(at::equal(one.tensor(name), staged.tensor(name))) << name;
+  const json a = json::parse(one.report_json()), b = read_json(dir / "staged.json");
+  EXPECT_EQ(a["bits"]["total_bits"], b["bits"]["total_bits"]);
+  EXPECT_EQ(a["early_stop"]["sequences_used"], b["early_stop"]["sequences_used"]);
+  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan4.h5") + " --out " + (dir / "four.h5") + " --report " +
+          (dir / "four.json"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_LE(read_json(dir / "four.json")["bits"]["total_per_weight"].get<double>(), 4.0);
+  EXPECT_GT(read_json(dir / "four.json")["bits"]["total_per_weight"].get<double>(), 3.9);
+}
+
 TEST(CliQuantize, UnreachableTargetAndExistingOutputFailBeforeAnyWork) {
   TempDir dir;
   make_demo(dir);

@@ -1,4 +1,6 @@
-// csaq quantize: profile (stage 1) -> solve (stage 2) -> pack (stage 3) in one run.
+// csaq quantize: profile (stage 1) -> solve (stage 2) -> pack (stage 3) in one run; and each
+// stage alone: csaq profile (-> salience file), csaq solve (salience file -> plan file, any
+// budget, no recomputation), csaq pack (plan file -> checkpoint).
 #include <ATen/ATen.h>
 
 #include <chrono>
@@ -13,16 +15,16 @@
 #include "csaq/solver/solver.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/files.h"
+#include "csaq/storage/h5.h"
 
 namespace csaq::cli {
 namespace po = boost::program_options;
 using nlohmann::json;
+using Clock = std::chrono::steady_clock;
 
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // 16-bit dtype of the source checkpoint, for the tensors kept unquantized; float32 otherwise.
 at::ScalarType dense_dtype(const ModelConfig& c) {
@@ -51,116 +53,125 @@ json clique_stats(const Plan& plan, Communicator& comm) {
           {"max_size", largest.item<std::int64_t>()}};
 }
 
-}  // namespace
+// Options of stage 1.
+struct ProfileArgs {
+  std::string calib, salience = "causal";
+  std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512;
+  double rho = 0.98;
 
-int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_dir, calib, out, report_path, bit_options = "2,4,8,16", salience = "causal", method = "csaq",
-              solver = "lagrangian", target_kind = "total";
-  std::int64_t samples = 64, seq_len = 2048, group_size = 128, batch_size = 1, in_flight = 4, candidates = 512;
-  double target = 0, clique_threshold = 0.85, rho = 0.98;
-  int threads = 0;
-  po::options_description options("csaq quantize options");
-  options.add_options()
-      ("model", po::value(&model_dir)->required(), "Hugging Face model directory")
-      ("calib", po::value(&calib), "calibration tokens (1-D .npy); not needed by --method rtn")
-      ("samples", po::value(&samples)->default_value(samples), "calibration sequences")
-      ("seq-len", po::value(&seq_len)->default_value(seq_len), "tokens per calibration sequence")
-      ("target-bits", po::value(&target)->required(), "average bits per decoder weight")
-      ("target", po::value(&target_kind)->default_value(target_kind), "what --target-bits counts: total (codes + scales, zero-points, maps) or payload (codes only)")
-      ("bit-options", po::value(&bit_options)->default_value(bit_options), "allowed bits, any of 1,2,3,4,8,16")
-      ("group-size", po::value(&group_size)->default_value(group_size), "weights per scale along the input dimension (-1: whole row)")
-      ("clique-threshold", po::value(&clique_threshold)->default_value(clique_threshold), "Jaccard similarity that joins a channel to a clique")
-      ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
-      ("salience", po::value(&salience)->default_value(salience), "causal | fisher | activation | magnitude")
-      ("method", po::value(&method)->default_value(method), "csaq (salience-driven bits) | rtn (uniform round-to-nearest)")
-      ("solver", po::value(&solver)->default_value(solver), "lagrangian | threshold")
-      ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once salience's Spearman rho reaches this (> 1: never)")
-      ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
-      ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline")
-      ("out", po::value(&out)->required(), "checkpoint to write (HDF5)")
-      ("report", po::value(&report_path), "also write the JSON report here")
-      ("overwrite", "replace existing --out / --report")
-      ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
-  po::variables_map vm;
-  if (!parse_options("quantize", options, args, vm, comm)) return 0;
-  if (method != "csaq" && method != "rtn") throw UsageError{"--method must be csaq or rtn"};
-  if (target_kind != "total" && target_kind != "payload") throw UsageError{"--target must be total or payload"};
-  if (method == "csaq" && calib.empty()) throw UsageError{"--calib is required for --method csaq"};
-  const bool overwrite = vm.count("overwrite") > 0;
-  if (comm.rank() == 0) {
-    storage::check_writable_target(out, overwrite);
-    if (!report_path.empty()) storage::check_writable_target(report_path, overwrite);
+  void add(po::options_description& o) {
+    o.add_options()
+        ("calib", po::value(&calib), "calibration tokens (1-D .npy)")
+        ("samples", po::value(&samples)->default_value(samples), "calibration sequences")
+        ("seq-len", po::value(&seq_len)->default_value(seq_len), "tokens per calibration sequence")
+        ("salience", po::value(&salience)->default_value(salience), "causal | fisher | activation | magnitude")
+        ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
+        ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once salience's Spearman rho reaches this (> 1: never)")
+        ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
+        ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline");
   }
-  set_threads(threads, comm);
-  const auto t_start = std::chrono::steady_clock::now();
+  ProfilerOptions options() const {
+    ProfilerOptions p;
+    p.kind = parse_salience_kind(salience);
+    p.candidates = candidates;
+    p.rho = rho;
+    p.early_stop = rho <= 1.0;
+    return p;
+  }
+};
 
-  SolverOptions sopt;
-  sopt.kind = method == "rtn" ? SolverKind::kUniform : parse_solver_kind(solver);
-  sopt.bit_options = parse_bit_options(bit_options);
-  sopt.target_bits = target;
-  sopt.target_is_total = target_kind == "total";
-  sopt.group_size = group_size;
-  ProfilerOptions popt;
-  popt.kind = parse_salience_kind(salience);
-  popt.candidates = candidates;
-  popt.rho = rho;
-  popt.early_stop = rho <= 1.0;
+// Options of stage 2.
+struct SolveArgs {
+  std::string bit_options = "2,4,8,16", solver = "lagrangian", target_kind = "total";
+  double target = 0, clique_threshold = 0.85;
+  std::int64_t group_size = 128;
 
-  // Everything that can be checked cheaply is checked before loading or calibrating.
-  const ModelConfig config = ModelConfig::load(model_dir);
+  void add(po::options_description& o) {
+    o.add_options()
+        ("target-bits", po::value(&target)->required(), "average bits per decoder weight")
+        ("target", po::value(&target_kind)->default_value(target_kind), "what --target-bits counts: total (codes + scales, zero-points, maps) or payload (codes only)")
+        ("bit-options", po::value(&bit_options)->default_value(bit_options), "allowed bits, any of 1,2,3,4,8,16")
+        ("group-size", po::value(&group_size)->default_value(group_size), "weights per scale along the input dimension (-1: whole row)")
+        ("clique-threshold", po::value(&clique_threshold)->default_value(clique_threshold), "Jaccard similarity that joins a channel to a clique")
+        ("solver", po::value(&solver)->default_value(solver), "lagrangian | threshold");
+  }
+  SolverOptions options(bool rtn) const {
+    if (target_kind != "total" && target_kind != "payload") throw UsageError{"--target must be total or payload"};
+    SolverOptions s;
+    s.kind = rtn ? SolverKind::kUniform : parse_solver_kind(solver);
+    s.bit_options = parse_bit_options(bit_options);
+    s.target_bits = target;
+    s.target_is_total = target_kind == "total";
+    s.group_size = group_size;
+    return s;
+  }
+};
+
+// Refuses a bad target from the config alone, before loading weights or calibrating.
+void check_target(const ModelConfig& config, const SolverOptions& sopt) {
   std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
   for (std::int64_t l = 0; l < config.num_layers; ++l)
     for (const auto& s : linear_shapes(config)) shapes.push_back(s);
   check_target_reachable(shapes, sopt);
+}
 
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
-  const double load_s = seconds_since(t_start);
-  json report = {{"command", "quantize"}, {"csaq_version", CSAQ_VERSION}, {"model", model_dir},
-                 {"method", method}, {"world_size", comm.size()}};
+void check_outputs(Communicator& comm, bool overwrite, std::initializer_list<std::string> paths) {
+  if (comm.rank() != 0) return;
+  for (const auto& p : paths)
+    if (!p.empty()) storage::check_writable_target(p, overwrite);
+}
 
-  // Stage 1: profile.
-  auto t = std::chrono::steady_clock::now();
-  Profiler profiler(model, comm, popt);
-  LossTotals calib_totals;
-  std::int64_t sequences_available = 0;
-  if (method == "csaq") {
-    TokenSequences data = TokenSequences::from_npy(calib, seq_len, samples);
-    data.check_vocabulary(config.vocab_size);
-    sequences_available = data.size();
-    Pipeline pipeline(model, comm, PipelineOptions{batch_size, in_flight});
-    ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0);
-    calib_totals = pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
-                                      [&](std::int64_t done, std::int64_t) { progress.update(done); },
-                                      profiler.round_callback());
-  }
-  const double profile_s = seconds_since(t);
+// Stage 1 on every rank; returns the report fragment.
+json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArgs& a, Communicator& comm) {
+  const auto t = Clock::now();
+  TokenSequences data = TokenSequences::from_npy(a.calib, a.seq_len, a.samples);
+  data.check_vocabulary(model.config().vocab_size);
+  Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight});
+  ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0);
+  const LossTotals totals = pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
+                                               [&](std::int64_t done, std::int64_t) { progress.update(done); },
+                                               profiler.round_callback());
+  json checks = json::array();
+  for (const auto& c : profiler.early_stop_checks()) checks.push_back({{"sequences", c.sequences}, {"rho", c.rho}});
+  return {{"salience", a.salience},
+          {"early_stop", {{"sequences_used", totals.sequences},
+                          {"sequences_available", data.size()},
+                          {"stopped_early", profiler.stopped_early()},
+                          {"rho", profiler.early_stop_checks().empty() ? json(nullptr) : json(profiler.early_stop_checks().back().rho)},
+                          {"rho_threshold", a.rho},
+                          {"checks", checks}}},
+          {"calibration", {{"data", a.calib}, {"seq_len", a.seq_len}, {"mean_nll", totals.mean_nll()},
+                           {"tokens", totals.sequences * a.seq_len}}},
+          {"agreement_top5", top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm)},
+          {"profile_s", seconds_since(t)}};
+}
 
-  // Stage 2: solve.
-  t = std::chrono::steady_clock::now();
+// Stage 2 on every rank: units from the profiler's cliques (none for rtn), then the solver.
+Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind kind, const SolverOptions& sopt,
+                 double clique_threshold, Communicator& comm, json& report) {
+  const auto t = Clock::now();
   std::vector<LinearInput> inputs;
   for (const DecoderLayer& layer : model.decoder())
     for (int i = 0; i < kNumLinears; ++i) {
       LinearInput in{layer.index, i, layer.linears[i].weight.detach(), {}, {}};
-      if (method == "csaq") {
-        in.salience = profiler.salience(layer.index, i, popt.kind);
-        in.row_leader = profiler.row_leaders(layer.index, i, clique_threshold);
+      if (profiler != nullptr) {
+        in.salience = profiler->salience(layer.index, i, kind);
+        in.row_leader = profiler->row_leaders(layer.index, i, clique_threshold);
       } else {
         in.row_leader = at::arange(in.weight.size(0), at::kLong);
       }
       inputs.push_back(std::move(in));
     }
-  const Plan plan = solve(inputs, config.num_layers, comm, sopt);
-  const double solve_s = seconds_since(t);
+  const Plan plan = solve(inputs, model.config().num_layers, comm, sopt);
   const PlanSummary& s = plan.summary;
   if (comm.rank() == 0)
     std::fprintf(stderr, "[solve] %lld units, %.4f total bits per weight (%.4f payload), target %.4f %s\n",
-                 static_cast<long long>(s.units), s.total_per_weight(), s.payload_per_weight(), target,
-                 target_kind.c_str());
-
+                 static_cast<long long>(s.units), s.total_per_weight(), s.payload_per_weight(), sopt.target_bits,
+                 sopt.target_is_total ? "total" : "payload");
   json histogram = json::object();
   for (const auto& [bits, weights] : s.histogram) histogram[std::to_string(bits)] = weights;
-  report["bits"] = {{"target", target},
-                    {"target_counts", target_kind},
+  report["bits"] = {{"target", sopt.target_bits},
+                    {"target_counts", sopt.target_is_total ? "total" : "payload"},
                     {"total_per_weight", s.total_per_weight()},
                     {"payload_per_weight", s.payload_per_weight()},
                     {"histogram", histogram},
@@ -169,41 +180,175 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
                     {"total_bits", s.total_bits},
                     {"budget_bits", s.budget_bits},
                     {"options", sopt.bit_options},
-                    {"group_size", group_size}};
-  const std::uint64_t vh = static_cast<std::uint64_t>(config.vocab_size) * config.hidden_size;
-  const at::ScalarType dense = dense_dtype(config);
-  report["unquantized"] = {{"embedding_and_lm_head_parameters", config.tie_word_embeddings ? vh : 2 * vh},
-                           {"bits", c10::elementSize(dense) * 8}};
+                    {"group_size", sopt.group_size}};
+  const ModelConfig& c = model.config();
+  const std::uint64_t vh = static_cast<std::uint64_t>(c.vocab_size) * c.hidden_size;
+  report["unquantized"] = {{"embedding_and_lm_head_parameters", c.tie_word_embeddings ? vh : 2 * vh},
+                           {"bits", c10::elementSize(dense_dtype(c)) * 8}};
   report["solver"] = {{"kind", solver_kind_name(sopt.kind)}, {"lambda", s.lambda}, {"units", s.units}};
   report["cliques"] = clique_stats(plan, comm);
   report["cliques"]["threshold"] = clique_threshold;
-  if (method == "csaq") {
-    json checks = json::array();
-    for (const auto& c : profiler.early_stop_checks()) checks.push_back({{"sequences", c.sequences}, {"rho", c.rho}});
-    report["salience"] = salience_kind_name(popt.kind);
-    report["early_stop"] = {{"sequences_used", calib_totals.sequences},
-                            {"sequences_available", sequences_available},
-                            {"stopped_early", profiler.stopped_early()},
-                            {"rho", profiler.early_stop_checks().empty() ? json(nullptr) : json(profiler.early_stop_checks().back().rho)},
-                            {"rho_threshold", rho},
-                            {"checks", checks}};
-    report["calibration"] = {{"data", calib}, {"seq_len", seq_len}, {"mean_nll", calib_totals.mean_nll()},
-                             {"tokens", calib_totals.sequences * seq_len}};
-    report["agreement_top5"] =
-        top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm);
-  }
-  report["time_s"] = {{"load", load_s}, {"profile", profile_s}, {"solve", solve_s}};
+  report["time_s"]["solve"] = seconds_since(t);
+  return plan;
+}
 
-  // Stage 3: pack.
-  t = std::chrono::steady_clock::now();
-  write_checkpoint(out, model, plan, group_size, report.dump(2), dense, comm, overwrite);
+void pack_stage(const std::string& out, const ModelShard& model, const Plan& plan, std::int64_t group_size,
+                json& report, const std::string& report_path, bool overwrite, Communicator& comm, Clock::time_point start) {
+  const auto t = Clock::now();
+  write_checkpoint(out, model, plan, group_size, report.dump(2), dense_dtype(model.config()), comm, overwrite);
   report["time_s"]["pack"] = seconds_since(t);
-  report["time_s"]["total"] = seconds_since(t_start);
+  report["time_s"]["total"] = seconds_since(start);
   if (comm.rank() == 0) {
-    std::printf("wrote %s: %.4f total bits per weight (%.4f payload)\n", out.c_str(), s.total_per_weight(),
-                s.payload_per_weight());
+    std::printf("wrote %s\n", out.c_str());
     if (!report_path.empty()) storage::write_file_atomic(report_path, report.dump(2) + "\n", overwrite);
   }
+}
+
+json base_report(const std::string& command, const std::string& model_dir, Communicator& comm) {
+  return {{"command", command}, {"csaq_version", CSAQ_VERSION}, {"model", model_dir}, {"world_size", comm.size()},
+          {"time_s", json::object()}};
+}
+
+}  // namespace
+
+int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
+  std::string model_dir, out, report_path, method = "csaq";
+  int threads = 0;
+  ProfileArgs pa;
+  SolveArgs sa;
+  po::options_description options("csaq quantize options");
+  options.add_options()("model", po::value(&model_dir)->required(), "Hugging Face model directory");
+  pa.add(options);
+  sa.add(options);
+  options.add_options()
+      ("method", po::value(&method)->default_value(method), "csaq (salience-driven bits) | rtn (uniform round-to-nearest, no calibration)")
+      ("out", po::value(&out)->required(), "checkpoint to write (HDF5)")
+      ("report", po::value(&report_path), "also write the JSON report here")
+      ("overwrite", "replace existing --out / --report")
+      ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
+  po::variables_map vm;
+  if (!parse_options("quantize", options, args, vm, comm)) return 0;
+  if (method != "csaq" && method != "rtn") throw UsageError{"--method must be csaq or rtn"};
+  if (method == "csaq" && pa.calib.empty()) throw UsageError{"--calib is required for --method csaq"};
+  const bool overwrite = vm.count("overwrite") > 0, rtn = method == "rtn";
+  check_outputs(comm, overwrite, {out, report_path});
+  set_threads(threads, comm);
+  const auto start = Clock::now();
+  const SolverOptions sopt = sa.options(rtn);
+  const ProfilerOptions popt = pa.options();
+  check_target(ModelConfig::load(model_dir), sopt);
+
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  json report = base_report("quantize", model_dir, comm);
+  report["method"] = method;
+  report["time_s"]["load"] = seconds_since(start);
+  Profiler profiler(model, comm, popt);
+  if (!rtn) {
+    json part = profile_stage(model, profiler, pa, comm);
+    report["time_s"]["profile"] = part["profile_s"];
+    part.erase("profile_s");
+    report.update(part);
+  }
+  const Plan plan = solve_stage(model, rtn ? nullptr : &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
+  pack_stage(out, model, plan, sopt.group_size, report, report_path, overwrite, comm, start);
+  return 0;
+}
+
+int run_profile(const std::vector<std::string>& args, Communicator& comm) {
+  std::string model_dir, out;
+  int threads = 0;
+  ProfileArgs pa;
+  po::options_description options("csaq profile options");
+  options.add_options()("model", po::value(&model_dir)->required(), "Hugging Face model directory");
+  pa.add(options);
+  options.add_options()
+      ("out", po::value(&out)->required(), "salience file to write (HDF5)")
+      ("overwrite", "replace an existing --out")
+      ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
+  po::variables_map vm;
+  if (!parse_options("profile", options, args, vm, comm)) return 0;
+  if (pa.calib.empty()) throw UsageError{"--calib is required"};
+  const bool overwrite = vm.count("overwrite") > 0;
+  check_outputs(comm, overwrite, {out});
+  set_threads(threads, comm);
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  Profiler profiler(model, comm, pa.options());
+  json report = base_report("profile", model_dir, comm);
+  report.update(profile_stage(model, profiler, pa, comm));
+  write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { profiler.save(f, comm, report.dump()); });
+  if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
+  return 0;
+}
+
+int run_solve(const std::vector<std::string>& args, Communicator& comm) {
+  std::string model_dir, profile_path, out;
+  int threads = 0;
+  SolveArgs sa;
+  std::string salience = "causal";
+  po::options_description options("csaq solve options");
+  options.add_options()
+      ("model", po::value(&model_dir)->required(), "Hugging Face model directory the salience file was made for")
+      ("profile", po::value(&profile_path)->required(), "salience file from csaq profile")
+      ("salience", po::value(&salience)->default_value(salience), "causal | fisher | activation | magnitude");
+  sa.add(options);
+  options.add_options()
+      ("out", po::value(&out)->required(), "plan file to write (HDF5)")
+      ("overwrite", "replace an existing --out")
+      ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
+  po::variables_map vm;
+  if (!parse_options("solve", options, args, vm, comm)) return 0;
+  const bool overwrite = vm.count("overwrite") > 0;
+  check_outputs(comm, overwrite, {out});
+  set_threads(threads, comm);
+  const auto start = Clock::now();
+  const SolverOptions sopt = sa.options(false);
+  check_target(ModelConfig::load(model_dir), sopt);
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  const storage::H5File in = storage::H5File::open_read(profile_path);
+  const json saved = json::parse(in.read_text("profile.json"));
+  ProfilerOptions popt;
+  popt.kind = parse_salience_kind(salience);
+  popt.candidates = saved["options"]["candidates"];
+  popt.fire_fraction = saved["options"]["fire_fraction"];
+  Profiler profiler(model, comm, popt);
+  profiler.load(in);
+  json report = base_report("quantize", model_dir, comm);
+  report["method"] = "csaq";
+  for (const char* key : {"early_stop", "calibration", "agreement_top5"})
+    if (saved.contains(key)) report[key] = saved[key];
+  report["salience"] = salience;
+  report["time_s"]["profile"] = saved.value("profile_s", 0.0);
+  const Plan plan = solve_stage(model, &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
+  report["time_s"]["total"] = seconds_since(start);
+  write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { save_plan(f, plan, model.config(), report.dump(2), comm); });
+  if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
+  return 0;
+}
+
+int run_pack(const std::vector<std::string>& args, Communicator& comm) {
+  std::string model_dir, plan_path, out, report_path;
+  int threads = 0;
+  po::options_description options("csaq pack options");
+  options.add_options()
+      ("model", po::value(&model_dir)->required(), "Hugging Face model directory the plan was made for")
+      ("plan", po::value(&plan_path)->required(), "plan file from csaq solve")
+      ("out", po::value(&out)->required(), "checkpoint to write (HDF5)")
+      ("report", po::value(&report_path), "also write the JSON report here")
+      ("overwrite", "replace existing --out / --report")
+      ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
+  po::variables_map vm;
+  if (!parse_options("pack", options, args, vm, comm)) return 0;
+  const bool overwrite = vm.count("overwrite") > 0;
+  check_outputs(comm, overwrite, {out, report_path});
+  set_threads(threads, comm);
+  const auto start = Clock::now();
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  const storage::H5File in = storage::H5File::open_read(plan_path);
+  const Plan plan = load_plan(in, model.config(), model.layers().begin, model.layers().end);
+  json report = json::parse(in.read_text("report.json"));
+  report["world_size"] = comm.size();
+  pack_stage(out, model, plan, report["bits"]["group_size"].get<std::int64_t>(), report, report_path, overwrite, comm,
+             start);
   return 0;
 }
 

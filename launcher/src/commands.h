@@ -18,6 +18,9 @@ struct UsageError {
 int run_eval(const std::vector<std::string>& args, Communicator& comm);
 int run_make_demo(const std::vector<std::string>& args, Communicator& comm);
 int run_quantize(const std::vector<std::string>& args, Communicator& comm);
+int run_profile(const std::vector<std::string>& args, Communicator& comm);
+int run_solve(const std::vector<std::string>& args, Communicator& comm);
+int run_pack(const std::vector<std::string>& args, Communicator& comm);
 int run_export(const std::vector<std::string>& args, Communicator& comm);
 int run_inspect(const std::vector<std::string>& args, Communicator& comm);
 

@@ -20,6 +20,9 @@ const char* kUsage =
     "\n"
     "commands:\n"
     "  quantize   calibrate, choose bits per weight and write a quantized checkpoint\n"
+    "  profile    stage 1 alone: calibrate and write a salience file\n"
+    "  solve      stage 2 alone: bits per weight for a budget, from a salience file\n"
+    "  pack       stage 3 alone: quantize by a plan file and write the checkpoint\n"
     "  eval       perplexity of a model (or of a quantized checkpoint) on a token file\n"
     "  export     write a quantized checkpoint as a dequantized Hugging Face model\n"
     "  inspect    summarize a quantized checkpoint\n"
@@ -81,6 +84,9 @@ int main(int argc, char** argv) {
     if (command == "eval") return csaq::cli::run_eval(args, *comm);
     if (command == "make-demo") return csaq::cli::run_make_demo(args, *comm);
     if (command == "quantize") return csaq::cli::run_quantize(args, *comm);
+    if (command == "profile") return csaq::cli::run_profile(args, *comm);
+    if (command == "solve") return csaq::cli::run_solve(args, *comm);
+    if (command == "pack") return csaq::cli::run_pack(args, *comm);
     if (command == "export") return csaq::cli::run_export(args, *comm);
     if (command == "inspect") return csaq::cli::run_inspect(args, *comm);
     throw csaq::cli::UsageError{"unknown command '" + command + "'"};

@@ -83,6 +83,25 @@ std::string broadcast_text(const std::string& text, Communicator& comm) {
 
 }  // namespace
 
+void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm,
+                     const std::function<void(storage::H5File&)>& body) {
+  at::Tensor refuse = at::zeros({1}, at::kInt);
+  if (comm.rank() == 0 && !overwrite && fs::exists(path)) refuse.fill_(1);
+  comm.broadcast(refuse, 0);
+  CSAQ_CHECK(refuse.item<int>() == 0, "output '", path, "' already exists; pass --overwrite to replace it");
+  const std::string partial = path + ".partial";
+  {
+    H5File f = H5File::create(partial, comm.size() > 1);
+    body(f);
+    f.close();
+  }
+  comm.barrier();
+  if (comm.rank() == 0)
+    CSAQ_CHECK(std::rename(partial.c_str(), path.c_str()) == 0, "cannot rename '", partial, "' to '", path, "': ",
+               errno_str(errno));
+  comm.barrier();
+}
+
 PackedLinear pack_linear(const at::Tensor& weight, const at::Tensor& row_bits, const at::Tensor& row_leader,
                          std::int64_t group_size) {
   PackedLinear p;
@@ -156,10 +175,6 @@ at::Tensor unpack_linear(const PackedLinear& p) {
 void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, std::int64_t group_size,
                       const std::string& report_json, at::ScalarType dense_dtype, Communicator& comm, bool overwrite) {
   const ModelConfig& c = model.config();
-  at::Tensor refuse = at::zeros({1}, at::kInt);
-  if (comm.rank() == 0 && !overwrite && fs::exists(path)) refuse.fill_(1);
-  comm.broadcast(refuse, 0);
-  CSAQ_CHECK(refuse.item<int>() == 0, "output '", path, "' already exists; pass --overwrite to replace it");
 
   std::map<std::int64_t, PackedLinear> packed;  // by layer * kNumLinears + linear
   at::Tensor sizes = at::zeros({c.num_layers * kNumLinears, 2}, at::kLong);  // slots, code bytes
@@ -173,10 +188,8 @@ void write_checkpoint(const std::string& path, const ModelShard& model, const Pl
   }
   comm.all_reduce(sizes, ReduceOp::kSum);
   const std::string report = broadcast_text(report_json, comm);
-  const std::string partial = path + ".partial";
   const bool rank0 = comm.rank() == 0;
-  {
-    H5File f = H5File::create(partial, comm.size() > 1);
+  write_shared_h5(path, overwrite, comm, [&](H5File& f) {
     // Creation is collective: every rank, same datasets, same order.
     const std::vector<std::pair<std::string, const std::string*>> texts = {
         {"format", nullptr}, {"config.json", &c.json_text}, {"report.json", &report}};
@@ -227,14 +240,7 @@ void write_checkpoint(const std::string& path, const ModelShard& model, const Pl
     }
     for (const auto& e : dense)
       if (e.owner == comm.rank()) f.write("dense/" + e.name, dense_tensor(model, e.name).detach().to(dense_dtype));
-    f.close();
-  }
-  comm.barrier();
-  if (rank0) {
-    CSAQ_CHECK(std::rename(partial.c_str(), path.c_str()) == 0, "cannot rename '", partial, "' to '", path, "': ",
-               errno_str(errno));
-  }
-  comm.barrier();
+  });
 }
 
 struct QuantizedCheckpoint::Impl {

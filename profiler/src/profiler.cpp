@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <nlohmann/json.hpp>
+
 #include "csaq/storage/error.h"
+#include "csaq/storage/h5.h"
 
 namespace csaq {
 
@@ -118,6 +121,93 @@ RoundCallback Profiler::round_callback() {
     stopped_early_ = sequences >= options_.min_sequences && rho >= options_.rho;
     return stopped_early_;
   };
+}
+
+namespace {
+std::string stats_group(std::int64_t layer, int linear) {
+  return "stats/" + std::to_string(layer) + "/" + kLinearNames.at(linear) + "/";
+}
+
+nlohmann::json options_json(const ProfilerOptions& o) {
+  return {{"kind", salience_kind_name(o.kind)}, {"candidates", o.candidates}, {"fire_fraction", o.fire_fraction},
+          {"early_stop", o.early_stop}, {"check_every", o.check_every}, {"min_sequences", o.min_sequences},
+          {"rho", o.rho}, {"sample_per_linear", o.sample_per_linear}, {"seed", o.seed}};
+}
+}  // namespace
+
+void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& extra_json) const {
+  const ModelConfig& c = model_.config();
+  nlohmann::json profile = nlohmann::json::parse(extra_json.empty() ? "{}" : extra_json);
+  profile["options"] = options_json(options_);
+  nlohmann::json checks = nlohmann::json::array();
+  for (const auto& ch : checks_) checks.push_back({{"sequences", ch.sequences}, {"rho", ch.rho}});
+  profile["early_stop_checks"] = checks;
+  profile["stopped_early"] = stopped_early_;
+  // Rank 0's text decides the dataset size every rank creates.
+  std::string text = profile.dump(2);
+  at::Tensor len = at::tensor({static_cast<std::int64_t>(text.size())}, at::kLong);
+  comm.broadcast(len, 0);
+  f.create_dataset("profile.json", at::kByte, {len.item<std::int64_t>()});
+  f.create_dataset("config.json", at::kByte, {static_cast<std::int64_t>(c.json_text.size())});
+  const auto shapes = linear_shapes(c);
+  for (std::int64_t l = 0; l < c.num_layers; ++l)
+    for (int i = 0; i < kNumLinears; ++i) {
+      const auto [out, in] = shapes[i];
+      const std::int64_t k = std::min(out, options_.candidates);
+      const std::string g = stats_group(l, i);
+      f.create_dataset(g + "causal", at::kFloat, {out, in});
+      f.create_dataset(g + "fisher", at::kFloat, {out, in});
+      f.create_dataset(g + "input_abs_sum", at::kDouble, {in});
+      f.create_dataset(g + "counters", at::kLong, {4});  // tokens, micro_batches, coact tokens, coact started
+      f.create_dataset(g + "candidates", at::kLong, {k});
+      f.create_dataset(g + "coact_counts", at::kLong, {k, k});
+    }
+  if (comm.rank() == 0) {
+    auto bytes = [](const std::string& t) {
+      at::Tensor b = at::empty({static_cast<std::int64_t>(t.size())}, at::kByte);
+      std::copy(t.begin(), t.end(), reinterpret_cast<char*>(b.data_ptr()));
+      return b;
+    };
+    f.write("profile.json", bytes(text));
+    f.write("config.json", bytes(c.json_text));
+  }
+  for (const auto& st : stats_) {
+    const std::string g = stats_group(st.layer, st.linear);
+    f.write(g + "causal", st.causal);
+    f.write(g + "fisher", st.fisher);
+    f.write(g + "input_abs_sum", st.input_abs_sum);
+    f.write(g + "counters", at::tensor({st.tokens, st.micro_batches, st.coact.tokens(),
+                                        static_cast<std::int64_t>(st.coact.started())}, at::kLong));
+    const std::int64_t k = std::min(st.coact.channels(), options_.candidates);
+    f.write(g + "candidates", st.coact.started() ? st.coact.candidates() : at::zeros({k}, at::kLong));
+    f.write(g + "coact_counts", st.coact.started() ? st.coact.counts() : at::zeros({k, k}, at::kLong));
+  }
+}
+
+void Profiler::load(const storage::H5File& f) {
+  CSAQ_CHECK(f.exists("profile.json") && f.exists("stats"), "'", f.path(), "' is not a csaq salience file");
+  CSAQ_CHECK(f.read_text("config.json") == model_.config().json_text, "salience file '", f.path(),
+             "' was computed for a different model (its config.json differs)");
+  const auto profile = nlohmann::json::parse(f.read_text("profile.json"));
+  const auto saved = profile["options"];
+  const auto mine = options_json(options_);
+  for (const char* key : {"candidates", "fire_fraction"})
+    CSAQ_CHECK(saved[key] == mine[key], "salience file '", f.path(), "' was made with ", key, " ", saved[key].dump(),
+               ", not ", mine[key].dump());
+  for (auto& st : stats_) {
+    const std::string g = stats_group(st.layer, st.linear);
+    st.causal = f.read(g + "causal");
+    st.fisher = f.read(g + "fisher");
+    st.input_abs_sum = f.read(g + "input_abs_sum");
+    const at::Tensor counters = f.read(g + "counters");
+    st.tokens = counters[0].item<std::int64_t>();
+    st.micro_batches = counters[1].item<std::int64_t>();
+    if (counters[3].item<std::int64_t>() != 0)
+      st.coact.restore(f.read(g + "candidates"), f.read(g + "coact_counts"), counters[2].item<std::int64_t>());
+  }
+  checks_.clear();
+  for (const auto& ch : profile["early_stop_checks"]) checks_.push_back({ch["sequences"], ch["rho"]});
+  stopped_early_ = profile["stopped_early"];
 }
 
 std::size_t Profiler::state_bytes() const {

@@ -10,6 +10,7 @@
 #include "csaq/shard/model.h"
 #include "csaq/solver/quantizer.h"
 #include "csaq/storage/error.h"
+#include "csaq/storage/h5.h"
 
 namespace csaq {
 
@@ -327,6 +328,53 @@ Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Com
     s.layer_total_bits.push_back(n ? double(b) / double(n) : 0.0);
   }
   s.units = totals[2 + options + 2 * num_layers].item<std::int64_t>();
+  return plan;
+}
+
+}  // namespace csaq
+
+namespace csaq {
+namespace {
+std::string plan_group(std::int64_t layer, int linear) {
+  return "plan/" + std::to_string(layer) + "/" + kLinearNames.at(linear) + "/";
+}
+at::Tensor text_bytes(const std::string& t) {
+  at::Tensor b = at::empty({static_cast<std::int64_t>(t.size())}, at::kByte);
+  std::copy(t.begin(), t.end(), reinterpret_cast<char*>(b.data_ptr()));
+  return b;
+}
+}  // namespace
+
+void save_plan(storage::H5File& f, const Plan& plan, const ModelConfig& config, const std::string& report_json,
+               Communicator& comm) {
+  at::Tensor len = at::tensor({static_cast<std::int64_t>(report_json.size())}, at::kLong);
+  comm.broadcast(len, 0);
+  f.create_dataset("report.json", at::kByte, {len.item<std::int64_t>()});
+  f.create_dataset("config.json", at::kByte, {static_cast<std::int64_t>(config.json_text.size())});
+  const auto shapes = linear_shapes(config);
+  for (std::int64_t l = 0; l < config.num_layers; ++l)
+    for (int i = 0; i < kNumLinears; ++i) {
+      f.create_dataset(plan_group(l, i) + "row_bits", at::kByte, {shapes[i].first});
+      f.create_dataset(plan_group(l, i) + "row_leader", at::kLong, {shapes[i].first});
+    }
+  if (comm.rank() == 0) {
+    f.write("report.json", text_bytes(report_json));
+    f.write("config.json", text_bytes(config.json_text));
+  }
+  for (const auto& lp : plan.linears) {
+    f.write(plan_group(lp.layer, lp.linear) + "row_bits", lp.row_bits);
+    f.write(plan_group(lp.layer, lp.linear) + "row_leader", lp.row_leader);
+  }
+}
+
+Plan load_plan(const storage::H5File& f, const ModelConfig& config, std::int64_t begin, std::int64_t end) {
+  CSAQ_CHECK(f.exists("plan") && f.exists("report.json"), "'", f.path(), "' is not a csaq plan file");
+  CSAQ_CHECK(f.read_text("config.json") == config.json_text, "plan file '", f.path(),
+             "' was made for a different model (its config.json differs)");
+  Plan plan;
+  for (std::int64_t l = begin; l < end; ++l)
+    for (int i = 0; i < kNumLinears; ++i)
+      plan.linears.push_back({l, i, f.read(plan_group(l, i) + "row_bits"), f.read(plan_group(l, i) + "row_leader")});
   return plan;
 }
 

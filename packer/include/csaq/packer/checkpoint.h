@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +15,16 @@
 #include "csaq/solver/solver.h"
 
 namespace csaq {
+namespace storage {
+class H5File;
+}
+
+// Collective: refuses an existing `path` unless `overwrite` (decided on rank 0 for all),
+// creates `path`.partial on every rank (parallel HDF5 when there are several), lets `body`
+// create and write datasets, closes, and renames it to `path` once every rank is done.
+// A failure leaves `path` untouched.
+void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm,
+                     const std::function<void(storage::H5File&)>& body);
 
 inline constexpr std::int64_t kCheckpointFormatVersion = 1;
 

@@ -21,6 +21,9 @@
 #include "csaq/shard/pipeline.h"
 
 namespace csaq {
+namespace storage {
+class H5File;
+}
 
 enum class SalienceKind { kCausal, kFisher, kActivation, kMagnitude };
 SalienceKind parse_salience_kind(const std::string& name);  // throws listing the kinds
@@ -80,6 +83,12 @@ class Profiler {
   const std::vector<EarlyStopCheck>& early_stop_checks() const { return checks_; }
   bool stopped_early() const { return stopped_early_; }
   std::size_t state_bytes() const;
+
+  // Collective: writes every Linear's accumulators under "stats/<layer>/<linear>/" (each rank
+  // its own layers) plus "profile.json" (options, early stopping, `extra` from rank 0).
+  void save(storage::H5File& file, Communicator& comm, const std::string& extra_json) const;
+  // Reads this rank's Linears back; the file's options must match this profiler's.
+  void load(const storage::H5File& file);
 
  private:
   at::Tensor global_sample(SalienceKind kind) const;

@@ -20,8 +20,12 @@
 #include <vector>
 
 #include "csaq/shard/comm.h"
+#include "csaq/shard/config.h"
 
 namespace csaq {
+namespace storage {
+class H5File;
+}
 
 enum class SolverKind { kLagrangian, kThreshold, kUniform };
 SolverKind parse_solver_kind(const std::string& name);
@@ -78,6 +82,13 @@ struct Plan {
 // the model), the smallest option must fit. Throws naming the achievable range.
 void check_target_reachable(const std::vector<std::pair<std::int64_t, std::int64_t>>& shapes,
                             const SolverOptions& options);
+
+// Collective: writes every Linear's row_bits/row_leader under "plan/<layer>/<linear>/" (each
+// rank its own) and rank 0's `report_json` as "report.json", with the model's config.json.
+void save_plan(storage::H5File& file, const Plan& plan, const ModelConfig& config, const std::string& report_json,
+               Communicator& comm);
+// This rank's Linears (layers [begin, end)) of a saved plan; the config must match.
+Plan load_plan(const storage::H5File& file, const ModelConfig& config, std::int64_t begin, std::int64_t end);
 
 // Collective: every rank calls it with its own Linears.
 Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Communicator& comm,
