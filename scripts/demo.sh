@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds csaq, writes a small random Llama checkpoint (demo/) and evaluates its perplexity
-# with the layers sharded over 2 MPI ranks. No downloads.
+# Builds csaq, writes a small random Llama checkpoint (demo/), quantizes it to 4.5 bits per
+# weight with its layers sharded over 2 MPI ranks, and compares perplexity before and after.
+# No downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build -G Ninja -DCSAQ_BUILD_TESTS=OFF
@@ -8,7 +9,12 @@ cmake --build build --target csaq
 if [ "$(id -u)" -eq 0 ]; then  # Open MPI refuses root unless told
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
+csaq="mpirun -np 2 ./build/launcher/csaq"
 [ -f demo/config.json ] || ./build/launcher/csaq make-demo --out demo
-mpirun -np 2 ./build/launcher/csaq eval --model demo --data demo/tokens.npy --seq-len 256 \
+$csaq quantize --model demo --calib demo/tokens.npy --samples 32 --seq-len 256 \
+  --target-bits 4.5 --bit-options 2,4,8 --out demo/demo-csaq.h5 --report demo/quantize-report.json --overwrite
+$csaq eval --model demo --data demo/tokens.npy --seq-len 256 --max-sequences 16
+$csaq eval --quantized demo/demo-csaq.h5 --data demo/tokens.npy --seq-len 256 --max-sequences 16 \
   --report demo/eval-report.json --overwrite
-echo "report: demo/eval-report.json"
+./build/launcher/csaq inspect demo/demo-csaq.h5 | tail -5
+echo "reports: demo/quantize-report.json demo/eval-report.json"

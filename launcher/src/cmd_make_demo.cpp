@@ -20,7 +20,7 @@ namespace fs = std::filesystem;
 
 int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
   std::string out;
-  std::int64_t layers = 4, hidden = 256, intermediate = 688, heads = 8, kv_heads = 4, vocab = 512,
+  std::int64_t layers = 4, hidden = 256, intermediate = 768, heads = 8, kv_heads = 4, vocab = 512,
                tokens = 16384;
   std::uint64_t seed = 0;
   po::options_description options("csaq make-demo options");
