@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Builds csaq, writes a small random Llama checkpoint (demo/), quantizes it to 4.5 bits per
-# weight with its layers sharded over 2 MPI ranks, and compares perplexity before and after.
-# No downloads.
+# Builds csaq, writes a small random Llama checkpoint with a byte-level tokenizer and some
+# generated text (demo/), quantizes it to 4.5 bits per weight calibrating on demo/calib.txt
+# with its layers sharded over 2 MPI ranks, and compares perplexity on demo/heldout.txt before
+# and after. No downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmake -S . -B build -G Ninja -DCSAQ_BUILD_TESTS=OFF
+cmake -S . -B build -G Ninja
 cmake --build build --target csaq
 if [ "$(id -u)" -eq 0 ]; then  # Open MPI refuses root unless told
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 csaq="mpirun -np 2 ./build/launcher/csaq"
 [ -f demo/config.json ] || ./build/launcher/csaq make-demo --out demo
-$csaq quantize --model demo --calib demo/tokens.npy --samples 32 --seq-len 256 \
+$csaq quantize --model demo --calib demo/calib.txt --samples 32 --seq-len 256 \
   --target-bits 4.5 --bit-options 2,4,8 --out demo/demo-csaq.h5 --report demo/quantize-report.json --overwrite
-$csaq eval --model demo --data demo/tokens.npy --seq-len 256 --max-sequences 16
-$csaq eval --quantized demo/demo-csaq.h5 --data demo/tokens.npy --seq-len 256 --max-sequences 16 \
+$csaq eval --model demo --data demo/heldout.txt --seq-len 256
+$csaq eval --quantized demo/demo-csaq.h5 --tokenizer demo --data demo/heldout.txt --seq-len 256 \
   --report demo/eval-report.json --overwrite
 ./build/launcher/csaq inspect demo/demo-csaq.h5 | tail -5
 echo "reports: demo/quantize-report.json demo/eval-report.json"

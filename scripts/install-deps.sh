@@ -10,6 +10,8 @@ packages=(
   libboost-program-options-dev
   libgtest-dev
   nlohmann-json3-dev
+  libpcre2-dev libicu-dev
+  sentencepiece
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -47,6 +47,11 @@ Result run(const std::string& command, int timeout_s = 120) {
 std::string csaq() { return CSAQ_EXE; }
 std::string mpirun(int ranks) { return std::string(CSAQ_MPIEXEC) + " -n " + std::to_string(ranks) + " " + CSAQ_EXE; }
 
+double perplexity_of(const Result& r) {
+  const auto pos = r.output.find("perplexity: ");
+  return pos == std::string::npos ? -1.0 : std::stod(r.output.substr(pos + 12));
+}
+
 json read_json(const std::string& path) {
   std::ifstream in(path);
   return json::parse(in);
@@ -55,7 +60,7 @@ json read_json(const std::string& path) {
 // A small random model: 3 layers so that 1, 2 and 3 ranks all divide it differently.
 void make_demo(const TempDir& dir) {
   Result r = run(csaq() + " make-demo --out " + (dir / "demo") +
-                 " --layers 3 --hidden 64 --intermediate 160 --heads 4 --kv-heads 2 --vocab 128 --tokens 2048");
+                 " --layers 3 --hidden 64 --intermediate 160 --heads 4 --kv-heads 2 --vocab 260 --tokens 2048");
   ASSERT_EQ(r.rc, 0) << r.output;
 }
 
@@ -101,6 +106,30 @@ TEST(Cli, TinyStoriesPerplexityOnOneAndTwoRanksMatchesTheReference) {
   }
   EXPECT_EQ(read_json(dir / "r1.json")["perplexity"].get<double>(),
             read_json(dir / "r2.json")["perplexity"].get<double>());
+}
+
+TEST(Cli, TextInputEvaluatesLikeTheReferenceTokenIds) {
+  CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
+  CSAQ_REQUIRE_SHARED(text_path, "data/tinystories-train-sample.txt");
+  CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");
+  // The held-out part as text: the last 20% of the sample's characters (data/README.md).
+  std::ifstream in(text_path, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), {});
+  std::size_t chars = 0, cut = 0;
+  for (unsigned char c : text) chars += (c & 0xc0) != 0x80;
+  for (std::size_t i = 0, n = 0; i < text.size(); ++i)
+    if ((static_cast<unsigned char>(text[i]) & 0xc0) != 0x80 && n++ == static_cast<std::size_t>(0.8 * double(chars))) {
+      cut = i;
+      break;
+    }
+  TempDir dir;
+  std::ofstream(dir / "heldout.txt", std::ios::binary) << text.substr(cut);
+  const Result a = run(mpirun(2) + " eval --model " + model_dir + " --data " + (dir / "heldout.txt") + " --seq-len 512");
+  const Result b = run(csaq() + " eval --model " + model_dir + " --data " + heldout + " --seq-len 512");
+  ASSERT_EQ(a.rc, 0) << a.output;
+  ASSERT_EQ(b.rc, 0) << b.output;
+  EXPECT_EQ(perplexity_of(a), perplexity_of(b));
+  EXPECT_NEAR(perplexity_of(a), 36.64, 0.05);
 }
 
 TEST(Cli, AnExistingReportIsNotOverwrittenWithoutAsking) {
@@ -166,11 +195,6 @@ TEST(Cli, MakeDemoRefusesToOverwrite) {
   Result r = run(csaq() + " make-demo --out " + (dir / "demo"));
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.output.find("already exists"), std::string::npos) << r.output;
-}
-
-double perplexity_of(const Result& r) {
-  const auto pos = r.output.find("perplexity: ");
-  return pos == std::string::npos ? -1.0 : std::stod(r.output.substr(pos + 12));
 }
 
 TEST(CliQuantize, CsaqBeatsRoundToNearestOnTinyStoriesAtFourTotalBits) {

@@ -7,6 +7,7 @@
 #include "csaq/shard/pipeline.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/npy.h"
+#include "csaq/storage/tokenizer.h"
 #include "fixture_check.h"
 #include "support.h"
 
@@ -239,6 +240,37 @@ TEST(Data, SequencesAreNonOverlappingWindowsWithRemainderDropped) {
   EXPECT_CSAQ_ERROR(TokenSequences(at::arange(2, at::kLong), 3, -1, "short file"), "short file",
                     "fewer than one sequence");
   EXPECT_CSAQ_ERROR(d.check_vocabulary(8), "ten tokens", "token id 8 at position 8");
+}
+
+TEST(Data, RandomWindowsAreSeededSlicesOfTheStream) {
+  const at::Tensor stream = at::arange(1000, at::kLong);
+  const TokenSequences a = TokenSequences::random_windows(stream, 16, 8, 3, "s");
+  const TokenSequences b = TokenSequences::random_windows(stream, 16, 8, 3, "s");
+  const TokenSequences c = TokenSequences::random_windows(stream, 16, 8, 4, "s");
+  EXPECT_EQ(a.size(), 8);
+  EXPECT_TRUE(at::equal(a.batch(0, 8), b.batch(0, 8)));
+  EXPECT_FALSE(at::equal(a.batch(0, 8), c.batch(0, 8)));
+  for (std::int64_t i = 0; i < 8; ++i) {  // each window is 16 consecutive tokens of the stream
+    const at::Tensor w = a.batch(i, 1)[0];
+    EXPECT_TRUE(at::equal(w, at::arange(w[0].item<std::int64_t>(), w[0].item<std::int64_t>() + 16, at::kLong)));
+  }
+  EXPECT_CSAQ_ERROR(parse_sampling("shuffled"), "unknown sampling 'shuffled'");
+}
+
+TEST(Data, JsonlDocumentsAreTokenizedAndJoinedWithEos) {
+  CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
+  TempDir dir;
+  std::ofstream(dir / "docs.jsonl") << R"({"text": "Once upon a time"})" << "\n\n" << R"({"text": "The end.", "id": 7})" << "\n";
+  const storage::Tokenizer tok = storage::Tokenizer::load(model_dir);
+  std::vector<std::int64_t> expected = tok.encode("Once upon a time");
+  expected.push_back(2);  // <|end_story|>
+  const auto second = tok.encode("The end.");
+  expected.insert(expected.end(), second.begin(), second.end());
+  EXPECT_TRUE(at::equal(load_token_stream(dir / "docs.jsonl", model_dir), at::tensor(expected, at::kLong)));
+  std::ofstream(dir / "bad.jsonl") << R"({"text": "fine"})" << "\n" << R"({"txt": "no"})" << "\n";
+  EXPECT_CSAQ_ERROR(load_token_stream(dir / "bad.jsonl", model_dir), "bad.jsonl' line 2", "\"text\"");
+  EXPECT_CSAQ_ERROR(load_token_stream(dir / "x.csv", model_dir), "x.csv", "expected .npy token ids, .txt or .jsonl");
+  EXPECT_CSAQ_ERROR(load_token_stream(dir / "docs.jsonl", ""), "needs the model's tokenizer");
 }
 
 TEST(Pipeline, MicroBatchSizeAndInFlightDoNotChangeGradients) {

@@ -16,14 +16,15 @@ namespace csaq::cli {
 namespace po = boost::program_options;
 
 int run_eval(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_dir, quantized, data_path, report_path;
+  std::string model_dir, quantized, data_path, report_path, tokenizer;
   std::int64_t seq_len = 0, max_sequences = -1, batch_size = 1;
   int threads = 0;
   po::options_description options("csaq eval options");
   options.add_options()
       ("model", po::value(&model_dir), "Hugging Face model directory (config.json + safetensors)")
       ("quantized", po::value(&quantized), "csaq checkpoint to evaluate instead of --model")
-      ("data", po::value(&data_path)->required(), "token file: 1-D .npy of int32/int64/uint16/uint32")
+      ("data", po::value(&data_path)->required(), "text (.txt, .jsonl with a \"text\" field) or token ids (1-D .npy)")
+      ("tokenizer", po::value(&tokenizer), "directory with tokenizer.json or tokenizer.model (default: --model)")
       ("seq-len", po::value(&seq_len)->required(), "tokens per sequence (non-overlapping windows, remainder dropped)")
       ("max-sequences", po::value(&max_sequences), "evaluate at most this many sequences (default: all)")
       ("batch-size", po::value(&batch_size)->default_value(1), "sequences per micro-batch")
@@ -44,7 +45,8 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   if (!quantized.empty()) ckpt = std::make_unique<QuantizedCheckpoint>(quantized);
   ModelShard model = ckpt ? ModelShard(ckpt->config(), comm.rank(), comm.size(), ckpt->source())
                           : load_model_shard(model_dir, comm.rank(), comm.size());
-  TokenSequences data = TokenSequences::from_npy(data_path, seq_len, max_sequences);
+  TokenSequences data = load_sequences(data_path, tokenizer.empty() ? model_dir : tokenizer, seq_len, max_sequences,
+                                       Sampling::kContiguous, 0);
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{batch_size, 1});
   ProgressMeter progress("eval", "batches", pipeline.micro_batches(data), comm.rank() == 0);

@@ -1,5 +1,6 @@
-// csaq make-demo: a small random Llama-architecture checkpoint in Hugging Face format plus a
-// token file, so that every command can be tried on a fresh machine without downloads.
+// csaq make-demo: a small random Llama-architecture checkpoint in Hugging Face format, with a
+// byte-level tokenizer and generated English-like text (calib.txt, heldout.txt) plus its token
+// ids (tokens.npy), so that every command can be tried on a fresh machine without downloads.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -13,10 +14,56 @@
 #include "csaq/storage/files.h"
 #include "csaq/storage/npy.h"
 #include "csaq/storage/safetensors.h"
+#include "csaq/storage/tokenizer.h"
 
 namespace csaq::cli {
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
+
+namespace {
+
+// Byte-level BPE without merges: ids 0-255 are the bytes, then BOS and EOS.
+std::string demo_tokenizer_json() {
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int b = 0; b < 256; ++b) vocab[storage::byte_level_char(static_cast<unsigned char>(b))] = b;
+  vocab["<|bos|>"] = 256;
+  vocab["<|eos|>"] = 257;
+  const nlohmann::json t = {
+      {"version", "1.0"},
+      {"added_tokens", {{{"id", 256}, {"content", "<|bos|>"}, {"special", true}},
+                        {{"id", 257}, {"content", "<|eos|>"}, {"special", true}}}},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"post_processor", {{"type", "TemplateProcessing"},
+                          {"single", {{{"SpecialToken", {{"id", "<|bos|>"}, {"type_id", 0}}}},
+                                      {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}, {"unk_token", nullptr},
+                 {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"dropout", nullptr}}},
+  };
+  return t.dump(1) + "\n";
+}
+
+// Sentences from small word lists, `chars` characters or a little more.
+std::string demo_text(std::size_t chars, std::uint64_t seed) {
+  static const char* subjects[] = {"The cat", "A little girl", "The old man", "My friend", "The dog", "A bird", "Tom", "The teacher"};
+  static const char* verbs[] = {"saw", "found", "liked", "carried", "painted", "lost", "shared", "wanted"};
+  static const char* objects[] = {"a red ball", "the big tree", "a small boat", "the blue sky", "a warm cake", "the garden", "a new book", "the river"};
+  static const char* endings[] = {".", " today.", " in the park.", " after lunch.", "!", " with a smile."};
+  std::uint64_t state = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+  auto next = [&](std::size_t n) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<std::size_t>((state >> 33) % n);
+  };
+  std::string text;
+  while (text.size() < chars) {
+    text += std::string(subjects[next(8)]) + " " + verbs[next(8)] + " " + objects[next(8)] + endings[next(6)];
+    text += next(5) == 0 ? "\n\n" : " ";
+  }
+  return text;
+}
+
+}  // namespace
 
 int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
   std::string out;
@@ -25,14 +72,14 @@ int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
   std::uint64_t seed = 0;
   po::options_description options("csaq make-demo options");
   options.add_options()
-      ("out", po::value(&out)->required(), "directory to create (config.json, model.safetensors, tokens.npy)")
+      ("out", po::value(&out)->required(), "directory to create")
       ("layers", po::value(&layers)->default_value(layers), "decoder layers")
       ("hidden", po::value(&hidden)->default_value(hidden), "hidden size")
       ("intermediate", po::value(&intermediate)->default_value(intermediate), "MLP size")
       ("heads", po::value(&heads)->default_value(heads), "attention heads")
       ("kv-heads", po::value(&kv_heads)->default_value(kv_heads), "key/value heads (grouped-query attention)")
       ("vocab", po::value(&vocab)->default_value(vocab), "vocabulary size")
-      ("tokens", po::value(&tokens)->default_value(tokens), "tokens in tokens.npy")
+      ("tokens", po::value(&tokens)->default_value(tokens), "characters of calib.txt and tokens in tokens.npy")
       ("seed", po::value(&seed)->default_value(seed), "random seed")
       ("overwrite", "replace files of an existing demo");
   po::variables_map vm;
@@ -63,23 +110,34 @@ int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
   };
   const std::string config_text = config.dump(2) + "\n";
   const ModelConfig parsed = ModelConfig::parse(config_text, "demo config");  // validates the sizes
+  if (vocab < 258) throw UsageError{"--vocab must be at least 258 (256 byte tokens, BOS, EOS)"};
 
   const fs::path dir(out);
   const std::string files[] = {(dir / "config.json").string(), (dir / "model.safetensors").string(),
-                               (dir / "tokens.npy").string()};
+                               (dir / "tokens.npy").string(), (dir / "tokenizer.json").string(),
+                               (dir / "tokenizer_config.json").string(), (dir / "calib.txt").string(),
+                               (dir / "heldout.txt").string()};
   for (const auto& f : files) storage::check_writable_target(f, overwrite);
   std::error_code ec;
   fs::create_directories(dir, ec);
   CSAQ_CHECK(!ec, "cannot create directory '", out, "': ", ec.message());
 
   storage::write_safetensors(files[1], random_model_weights(parsed, seed), {}, overwrite);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
-  storage::write_npy_tokens(files[2], at::randint(vocab, {tokens}, gen, at::kLong), overwrite);
+  storage::write_file_atomic(files[3], demo_tokenizer_json(), overwrite);
+  storage::write_file_atomic(files[4], R"({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": true})" "\n",
+                             overwrite);
+  // Text first; tokens.npy holds the first --tokens ids of calib.txt (one byte each here).
+  const std::string calib = demo_text(static_cast<std::size_t>(tokens), seed + 1);
+  storage::write_file_atomic(files[5], calib, overwrite);
+  storage::write_file_atomic(files[6], demo_text(static_cast<std::size_t>(tokens) / 4 + 1, seed + 2), overwrite);
+  const auto ids = storage::Tokenizer::load(out).encode(calib);
+  storage::write_npy_tokens(files[2], at::tensor(ids, at::kLong).slice(0, 0, tokens), overwrite);
   storage::write_file_atomic(files[0], config_text, overwrite);
-  std::printf("wrote %s (%lld layers, hidden %lld, %.1f M parameters) and %s (%lld tokens)\n",
+  std::printf("wrote %s: random model (%lld layers, hidden %lld, %.1f M parameters), byte-level tokenizer, "
+              "calib.txt, heldout.txt, tokens.npy (%lld tokens)\n",
               out.c_str(), static_cast<long long>(layers), static_cast<long long>(hidden),
               static_cast<double>(layer_parameters(parsed) * layers + 2 * vocab * hidden + hidden) / 1e6,
-              files[2].c_str(), static_cast<long long>(tokens));
+              static_cast<long long>(tokens));
   return 0;
 }
 

@@ -55,13 +55,17 @@ json clique_stats(const Plan& plan, Communicator& comm) {
 
 // Options of stage 1.
 struct ProfileArgs {
-  std::string calib, salience = "causal";
+  std::string calib, tokenizer, sampling = "random", salience = "causal";
   std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512;
+  std::uint64_t seed = 0;
   double rho = 0.98;
 
   void add(po::options_description& o) {
     o.add_options()
-        ("calib", po::value(&calib), "calibration tokens (1-D .npy)")
+        ("calib", po::value(&calib), "calibration text (.txt, .jsonl with a \"text\" field) or token ids (1-D .npy)")
+        ("tokenizer", po::value(&tokenizer), "directory with tokenizer.json or tokenizer.model (default: --model)")
+        ("sampling", po::value(&sampling)->default_value(sampling), "random (windows at seeded random offsets) | contiguous")
+        ("seed", po::value(&seed)->default_value(seed), "seed of the random calibration windows")
         ("samples", po::value(&samples)->default_value(samples), "calibration sequences")
         ("seq-len", po::value(&seq_len)->default_value(seq_len), "tokens per calibration sequence")
         ("salience", po::value(&salience)->default_value(salience), "causal | fisher | activation | magnitude")
@@ -122,9 +126,11 @@ void check_outputs(Communicator& comm, bool overwrite, std::initializer_list<std
 }
 
 // Stage 1 on every rank; returns the report fragment.
-json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArgs& a, Communicator& comm) {
+json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArgs& a, const std::string& model_dir,
+                   Communicator& comm) {
   const auto t = Clock::now();
-  TokenSequences data = TokenSequences::from_npy(a.calib, a.seq_len, a.samples);
+  TokenSequences data = load_sequences(a.calib, a.tokenizer.empty() ? model_dir : a.tokenizer, a.seq_len, a.samples,
+                                       parse_sampling(a.sampling), a.seed);
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight});
   ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0);
@@ -140,7 +146,8 @@ json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArg
                           {"rho", profiler.early_stop_checks().empty() ? json(nullptr) : json(profiler.early_stop_checks().back().rho)},
                           {"rho_threshold", a.rho},
                           {"checks", checks}}},
-          {"calibration", {{"data", a.calib}, {"seq_len", a.seq_len}, {"mean_nll", totals.mean_nll()},
+          {"calibration", {{"data", a.calib}, {"seq_len", a.seq_len}, {"sampling", a.sampling}, {"seed", a.seed},
+                           {"mean_nll", totals.mean_nll()},
                            {"tokens", totals.sequences * a.seq_len}}},
           {"agreement_top5", top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm)},
           {"profile_s", seconds_since(t)}};
@@ -244,7 +251,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   report["time_s"]["load"] = seconds_since(start);
   Profiler profiler(model, comm, popt);
   if (!rtn) {
-    json part = profile_stage(model, profiler, pa, comm);
+    json part = profile_stage(model, profiler, pa, model_dir, comm);
     report["time_s"]["profile"] = part["profile_s"];
     part.erase("profile_s");
     report.update(part);
@@ -274,7 +281,7 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
   Profiler profiler(model, comm, pa.options());
   json report = base_report("profile", model_dir, comm);
-  report.update(profile_stage(model, profiler, pa, comm));
+  report.update(profile_stage(model, profiler, pa, model_dir, comm));
   write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { profiler.save(f, comm, report.dump()); });
   if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
   return 0;

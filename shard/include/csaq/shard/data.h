@@ -19,6 +19,10 @@ class TokenSequences {
   // Reads a 1-D .npy token file (see storage/npy.h).
   static TokenSequences from_npy(const std::string& path, std::int64_t seq_len,
                                  std::int64_t max_sequences = -1);
+  // `count` windows of seq_len tokens starting at uniformly random offsets of `tokens`
+  // (GPTQ's calibration sampling), drawn from a generator seeded with `seed`.
+  static TokenSequences random_windows(const at::Tensor& tokens, std::int64_t seq_len, std::int64_t count,
+                                       std::uint64_t seed, std::string source);
 
   std::int64_t size() const { return count_; }
   std::int64_t seq_len() const { return seq_len_; }
@@ -35,5 +39,19 @@ class TokenSequences {
   std::int64_t count_;
   std::string source_;
 };
+
+// The token stream of an input file: .npy as stored; .txt (UTF-8, one document) or .jsonl
+// (one JSON object per line with a "text" string, each a document) tokenized with the
+// tokenizer in `tokenizer_dir`, documents joined with its EOS token (when it has one). Errors
+// name the file and line.
+at::Tensor load_token_stream(const std::string& path, const std::string& tokenizer_dir);
+
+enum class Sampling { kContiguous, kRandom };
+Sampling parse_sampling(const std::string& name);
+
+// Sequences of `path` (see load_token_stream): contiguous non-overlapping windows, or
+// `count` random windows (count < 0: as many as contiguous windows would give).
+TokenSequences load_sequences(const std::string& path, const std::string& tokenizer_dir, std::int64_t seq_len,
+                              std::int64_t count, Sampling sampling, std::uint64_t seed);
 
 }  // namespace csaq
