@@ -10,59 +10,13 @@
 #include "csaq/packer/checkpoint.h"
 #include "csaq/shard/model.h"
 #include "csaq/storage/safetensors.h"
+#include "cli_support.h"
 #include "support.h"
 
 namespace csaq {
 namespace {
 using nlohmann::json;
 using test::TempDir;
-
-struct Result {
-  int rc = -1;
-  std::string output;  // stdout and stderr
-};
-
-// Runs a shell command with a time limit (so that a hang fails instead of blocking).
-Result run(const std::string& command, int timeout_s = 120) {
-  static const bool env_set = [] {
-    // mpirun as root in containers, and more ranks than cores on small machines.
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
-    setenv("OMPI_MCA_rmaps_base_oversubscribe", "1", 0);
-    return true;
-  }();
-  (void)env_set;
-  Result r;
-  const std::string full = "timeout " + std::to_string(timeout_s) + " " + command + " 2>&1";
-  FILE* pipe = popen(full.c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string csaq() { return CSAQ_EXE; }
-std::string mpirun(int ranks) { return std::string(CSAQ_MPIEXEC) + " -n " + std::to_string(ranks) + " " + CSAQ_EXE; }
-
-double perplexity_of(const Result& r) {
-  const auto pos = r.output.find("perplexity: ");
-  return pos == std::string::npos ? -1.0 : std::stod(r.output.substr(pos + 12));
-}
-
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return json::parse(in);
-}
-
-// A small random model: 3 layers so that 1, 2 and 3 ranks all divide it differently.
-void make_demo(const TempDir& dir) {
-  Result r = run(csaq() + " make-demo --out " + (dir / "demo") +
-                 " --layers 3 --hidden 64 --intermediate 160 --heads 4 --kv-heads 2 --vocab 260 --tokens 2048");
-  ASSERT_EQ(r.rc, 0) << r.output;
-}
 
 TEST(Cli, EvalGivesTheSamePerplexityOnOneTwoAndThreeRanks) {
   TempDir dir;

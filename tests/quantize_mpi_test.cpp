@@ -11,6 +11,7 @@
 #include "csaq/solver/solver.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/h5.h"
+#include "h5_compare.h"
 #include "mpi_world.h"
 #include "support.h"
 
@@ -76,22 +77,6 @@ std::string shared_temp_dir(Communicator& comm) {
   return std::string(reinterpret_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel()));
 }
 
-void expect_same_datasets(const storage::H5File& a, const storage::H5File& b, const std::string& group, int& compared) {
-  const auto names = a.list(group);
-  ASSERT_EQ(names, b.list(group)) << group;
-  for (const auto& n : names) {
-    const std::string path = group.empty() ? n : group + "/" + n;
-    try {
-      const at::Tensor ta = a.read(path), tb = b.read(path);
-      EXPECT_EQ(ta.scalar_type(), tb.scalar_type()) << path;
-      EXPECT_TRUE(ta.sizes() == tb.sizes() && at::equal(ta.view(at::kByte), tb.view(at::kByte))) << path;
-      ++compared;
-    } catch (const Error&) {  // a group: descend
-      expect_same_datasets(a, b, path, compared);
-    }
-  }
-}
-
 TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {
   Communicator& w = test::world();
   const ModelConfig c = small_config();
@@ -139,7 +124,7 @@ TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {
     const storage::H5File a = storage::H5File::open_read(dir + "/dist.h5");
     const storage::H5File b = storage::H5File::open_read(dir + "/single.h5");
     int compared = 0;
-    expect_same_datasets(a, b, "", compared);
+    test::expect_same_datasets(a, b, "", compared);
     EXPECT_GT(compared, 3 * kNumLinears * 8);
     // And the checkpoint stands for what the plan says.
     const QuantizedCheckpoint ckpt(dir + "/dist.h5");

@@ -5,8 +5,10 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "calibration_checkpoint.h"
 #include "commands.h"
 #include "csaq/packer/checkpoint.h"
 #include "csaq/profiler/profiler.h"
@@ -55,8 +57,8 @@ json clique_stats(const Plan& plan, Communicator& comm) {
 
 // Options of stage 1.
 struct ProfileArgs {
-  std::string calib, tokenizer, sampling = "random", salience = "causal";
-  std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512;
+  std::string calib, tokenizer, sampling = "random", salience = "causal", checkpoint_dir, resume = "auto";
+  std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512, checkpoint_every = 32;
   std::uint64_t seed = 0;
   double rho = 0.98;
 
@@ -72,7 +74,19 @@ struct ProfileArgs {
         ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
         ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once salience's Spearman rho reaches this (> 1: never)")
         ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
-        ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline");
+        ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline")
+        ("checkpoint-dir", po::value(&checkpoint_dir), "calibration checkpoints (default: <out>.calib)")
+        ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "micro-batches between calibration checkpoints (0: only on SIGUSR1/SIGTERM)")
+        ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must");
+  }
+  // Everything that changes what calibration computes (the world size does not).
+  json fingerprint_options() const {
+    const ProfilerOptions p = options();
+    return {{"salience", salience}, {"candidates", p.candidates}, {"fire_fraction", p.fire_fraction},
+            {"early_stop", p.early_stop}, {"rho", p.rho}, {"check_every", p.check_every},
+            {"min_sequences", p.min_sequences}, {"sample_per_linear", p.sample_per_linear}, {"sample_seed", p.seed},
+            {"samples", samples}, {"seq_len", seq_len}, {"sampling", sampling}, {"seed", seed},
+            {"batch_size", batch_size}, {"in_flight", in_flight}};
   }
   ProfilerOptions options() const {
     ProfilerOptions p;
@@ -119,24 +133,42 @@ void check_target(const ModelConfig& config, const SolverOptions& sopt) {
   check_target_reachable(shapes, sopt);
 }
 
-void check_outputs(Communicator& comm, bool overwrite, std::initializer_list<std::string> paths) {
-  if (comm.rank() != 0) return;
-  for (const auto& p : paths)
-    if (!p.empty()) storage::check_writable_target(p, overwrite);
+// Refuses (on every rank, before any work) outputs that exist without --overwrite and outputs
+// that are one of the inputs.
+void check_outputs(bool overwrite, std::initializer_list<std::string> paths,
+                   std::initializer_list<std::string> inputs) {
+  namespace fs = std::filesystem;
+  for (const auto& p : paths) {
+    if (p.empty()) continue;
+    for (const auto& in : inputs) {
+      std::error_code ec;
+      CSAQ_CHECK(in.empty() || fs::weakly_canonical(p, ec) != fs::weakly_canonical(in, ec), "output '", p,
+                 "' is the input '", in, "'; choose another output path");
+    }
+    storage::check_writable_target(p, overwrite);
+  }
 }
 
-// Stage 1 on every rank; returns the report fragment.
+// Stage 1 on every rank, resuming from `checkpoints`' newest checkpoint as --resume says;
+// returns the report fragment.
 json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArgs& a, const std::string& model_dir,
-                   Communicator& comm) {
+                   const std::string& out, Communicator& comm, std::unique_ptr<CalibrationCheckpointer>& checkpoints) {
   const auto t = Clock::now();
   TokenSequences data = load_sequences(a.calib, a.tokenizer.empty() ? model_dir : a.tokenizer, a.seq_len, a.samples,
                                        parse_sampling(a.sampling), a.seed);
   data.check_vocabulary(model.config().vocab_size);
+  checkpoints = std::make_unique<CalibrationCheckpointer>(
+      a.checkpoint_dir.empty() ? out + ".calib" : a.checkpoint_dir, a.checkpoint_every,
+      calibration_fingerprint(model_dir, data, a.fingerprint_options()), comm);
+  const ResumePoint start = checkpoints->resume(a.resume, profiler);
   Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight});
   ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0);
-  const LossTotals totals = pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
-                                               [&](std::int64_t done, std::int64_t) { progress.update(done); },
-                                               profiler.round_callback());
+  const LossTotals totals =
+      profiler.stopped_early()
+          ? start.totals
+          : pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
+                               [&](std::int64_t done, std::int64_t) { progress.update(done); },
+                               checkpoints->round_callback(profiler), start);
   json checks = json::array();
   for (const auto& c : profiler.early_stop_checks()) checks.push_back({{"sequences", c.sequences}, {"rho", c.rho}});
   return {{"salience", a.salience},
@@ -238,7 +270,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   if (method != "csaq" && method != "rtn") throw UsageError{"--method must be csaq or rtn"};
   if (method == "csaq" && pa.calib.empty()) throw UsageError{"--calib is required for --method csaq"};
   const bool overwrite = vm.count("overwrite") > 0, rtn = method == "rtn";
-  check_outputs(comm, overwrite, {out, report_path});
+  check_outputs(overwrite, {out, report_path}, {model_dir, pa.calib, pa.tokenizer});
   set_threads(threads, comm);
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options(rtn);
@@ -250,14 +282,16 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   report["method"] = method;
   report["time_s"]["load"] = seconds_since(start);
   Profiler profiler(model, comm, popt);
+  std::unique_ptr<CalibrationCheckpointer> checkpoints;
   if (!rtn) {
-    json part = profile_stage(model, profiler, pa, model_dir, comm);
+    json part = profile_stage(model, profiler, pa, model_dir, out, comm, checkpoints);
     report["time_s"]["profile"] = part["profile_s"];
     part.erase("profile_s");
     report.update(part);
   }
   const Plan plan = solve_stage(model, rtn ? nullptr : &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
   pack_stage(out, model, plan, sopt.group_size, report, report_path, overwrite, comm, start);
+  if (checkpoints) checkpoints->remove_all();
   return 0;
 }
 
@@ -276,13 +310,15 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   if (!parse_options("profile", options, args, vm, comm)) return 0;
   if (pa.calib.empty()) throw UsageError{"--calib is required"};
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(comm, overwrite, {out});
+  check_outputs(overwrite, {out}, {model_dir, pa.calib, pa.tokenizer});
   set_threads(threads, comm);
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
   Profiler profiler(model, comm, pa.options());
   json report = base_report("profile", model_dir, comm);
-  report.update(profile_stage(model, profiler, pa, model_dir, comm));
+  std::unique_ptr<CalibrationCheckpointer> checkpoints;
+  report.update(profile_stage(model, profiler, pa, model_dir, out, comm, checkpoints));
   write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { profiler.save(f, comm, report.dump()); });
+  checkpoints->remove_all();
   if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
   return 0;
 }
@@ -305,7 +341,7 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   po::variables_map vm;
   if (!parse_options("solve", options, args, vm, comm)) return 0;
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(comm, overwrite, {out});
+  check_outputs(overwrite, {out}, {model_dir, profile_path});
   set_threads(threads, comm);
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options(false);
@@ -346,7 +382,7 @@ int run_pack(const std::vector<std::string>& args, Communicator& comm) {
   po::variables_map vm;
   if (!parse_options("pack", options, args, vm, comm)) return 0;
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(comm, overwrite, {out, report_path});
+  check_outputs(overwrite, {out, report_path}, {model_dir, plan_path});
   set_threads(threads, comm);
   const auto start = Clock::now();
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());

@@ -3,13 +3,16 @@
 
 #include <boost/program_options/errors.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <unistd.h>
 #include <iostream>
 #include <exception>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "calibration_checkpoint.h"
 #include "commands.h"
 #include "csaq/storage/error.h"
 
@@ -70,6 +73,24 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int rank = comm->rank(), world = comm->size();
+  // Under SLURM, srun starts SLURM_NTASKS tasks; an Open MPI without PMI support would make
+  // each its own world of one, all doing the same work. Refuse that at once.
+  if (const char* ntasks = std::getenv("SLURM_NTASKS"); ntasks != nullptr && std::atoi(ntasks) != world &&
+                                                        std::getenv("CSAQ_IGNORE_SLURM_NTASKS") == nullptr) {
+    if (rank == 0)
+      std::fprintf(stderr,
+                   "csaq: error: SLURM_NTASKS=%s but the MPI world has %d rank(s): launch with 'srun --mpi=pmix' "
+                   "(or pmi2) so that the tasks form one MPI job\n",
+                   ntasks, world);
+    return 1;
+  }
+  csaq::cli::install_preemption_handlers();
+  if (const char* dir = std::getenv("CSAQ_TEST_PID_DIR")) {  // test hook: lets a test kill one rank
+    if (FILE* f = std::fopen((std::string(dir) + "/rank-" + std::to_string(rank) + ".pid").c_str(), "w")) {
+      std::fprintf(f, "%d\n", static_cast<int>(getpid()));
+      std::fclose(f);
+    }
+  }
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
     if (rank == 0) std::fputs(kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
@@ -90,6 +111,12 @@ int main(int argc, char** argv) {
     if (command == "export") return csaq::cli::run_export(args, *comm);
     if (command == "inspect") return csaq::cli::run_inspect(args, *comm);
     throw csaq::cli::UsageError{"unknown command '" + command + "'"};
+  } catch (const csaq::cli::Preempted& p) {
+    if (rank == 0)
+      std::fprintf(stderr, "csaq %s: preempted: calibration checkpoint %s committed; rerun the same command "
+                   "(--resume auto) to continue (exit status %d)\n", command.c_str(), p.checkpoint.c_str(),
+                   csaq::cli::kPreemptedExitCode);
+    return csaq::cli::kPreemptedExitCode;
   } catch (const csaq::cli::UsageError& e) {
     // Every rank sees the same command line: one message, every rank exits.
     if (rank == 0) std::fprintf(stderr, "csaq %s: %s\n\n%s", command.c_str(), e.message.c_str(), kUsage);

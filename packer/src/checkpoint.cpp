@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -96,9 +99,20 @@ void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm
     f.close();
   }
   comm.barrier();
-  if (comm.rank() == 0)
+  if (comm.rank() == 0) {
+    // On disk before it gets its name: fsync the file, rename, fsync the directory.
+    const int fd = ::open(partial.c_str(), O_RDONLY | O_CLOEXEC);
+    CSAQ_CHECK(fd >= 0 && ::fsync(fd) == 0, "cannot sync '", partial, "': ", errno_str(errno));
+    ::close(fd);
     CSAQ_CHECK(std::rename(partial.c_str(), path.c_str()) == 0, "cannot rename '", partial, "' to '", path, "': ",
                errno_str(errno));
+    fs::path dir = fs::path(path).parent_path();
+    const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      ::fsync(dfd);
+      ::close(dfd);
+    }
+  }
   comm.barrier();
 }
 

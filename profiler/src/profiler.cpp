@@ -110,7 +110,8 @@ RoundCallback Profiler::round_callback() {
   // Samples every `check_every` sequences; from the second sample on, compares with the
   // previous one, and stops once `min_sequences` are done and rho is high enough. The
   // sample is all-reduced first, so every rank computes the same rho and decision.
-  return [this](std::int64_t sequences) {
+  return [this](const RoundInfo& info) {
+    const std::int64_t sequences = info.sequences_done;
     if (!options_.early_stop || sequences - last_check_ < options_.check_every) return false;
     last_check_ = sequences;
     at::Tensor sample = global_sample(options_.kind);
@@ -143,12 +144,15 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
   for (const auto& ch : checks_) checks.push_back({{"sequences", ch.sequences}, {"rho", ch.rho}});
   profile["early_stop_checks"] = checks;
   profile["stopped_early"] = stopped_early_;
+  profile["early_stop_last_check"] = last_check_;
   // Rank 0's text decides the dataset size every rank creates.
   std::string text = profile.dump(2);
   at::Tensor len = at::tensor({static_cast<std::int64_t>(text.size())}, at::kLong);
   comm.broadcast(len, 0);
   f.create_dataset("profile.json", at::kByte, {len.item<std::int64_t>()});
   f.create_dataset("config.json", at::kByte, {static_cast<std::int64_t>(c.json_text.size())});
+  // The early-stop sample is global (identical on every rank): rank 0 writes it.
+  f.create_dataset("early_stop_previous", at::kFloat, {previous_sample_.defined() ? previous_sample_.numel() : 0});
   const auto shapes = linear_shapes(c);
   for (std::int64_t l = 0; l < c.num_layers; ++l)
     for (int i = 0; i < kNumLinears; ++i) {
@@ -170,6 +174,7 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
     };
     f.write("profile.json", bytes(text));
     f.write("config.json", bytes(c.json_text));
+    if (previous_sample_.defined()) f.write("early_stop_previous", previous_sample_);
   }
   for (const auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
@@ -208,6 +213,9 @@ void Profiler::load(const storage::H5File& f) {
   checks_.clear();
   for (const auto& ch : profile["early_stop_checks"]) checks_.push_back({ch["sequences"], ch["rho"]});
   stopped_early_ = profile["stopped_early"];
+  last_check_ = profile.value("early_stop_last_check", std::int64_t{0});
+  const at::Tensor previous = f.exists("early_stop_previous") ? f.read("early_stop_previous") : at::Tensor();
+  previous_sample_ = previous.defined() && previous.numel() > 0 ? previous : at::Tensor();
 }
 
 std::size_t Profiler::state_bytes() const {

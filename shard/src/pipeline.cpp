@@ -88,15 +88,19 @@ LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& 
 
 LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                                const LinearObserver* observer, const LogitsCallback& on_logits,
-                               const ProgressCallback& on_progress, const RoundCallback& after_round) {
+                               const ProgressCallback& on_progress, const RoundCallback& after_round,
+                               const ResumePoint& resume) {
   at::AutoGradMode grad_mode(true);
   const std::int64_t len = data.seq_len(), total = micro_batches(data);
   const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
   const std::size_t layers = model_.decoder().size();
-  LossTotals totals;
-  std::int64_t done = 0;
+  const std::int64_t first_micro_batch = resume.micro_batch;
+  CSAQ_CHECK(first_micro_batch >= 0 && first_micro_batch % options_.in_flight == 0, "resume point ",
+             first_micro_batch, " is not a round boundary of ", options_.in_flight, " micro-batches");
+  LossTotals totals = model_.is_last() ? resume.totals : LossTotals{};
+  std::int64_t done = first_micro_batch;
 
-  for (std::int64_t round = 0; round < total; round += options_.in_flight) {
+  for (std::int64_t round = first_micro_batch; round < total; round += options_.in_flight) {
     const std::int64_t round_end = std::min(total, round + options_.in_flight);
     std::vector<InFlight> flight(static_cast<std::size_t>(round_end - round));
 
@@ -166,7 +170,7 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       if (on_progress) on_progress(++done, total);
     }
     const std::int64_t sequences_done = std::min(data.size(), round_end * options_.micro_batch_size);
-    if (after_round && after_round(sequences_done)) break;
+    if (after_round && after_round(RoundInfo{sequences_done, round_end, totals})) break;
   }
   share_totals(totals);
   return totals;

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "csaq/storage/error.h"
 
@@ -173,7 +174,22 @@ std::int64_t H5File::open_dataset(const std::string& name) const {
   return CSAQ_H5(H5Dopen2(file_, name.c_str(), H5P_DEFAULT), "cannot open dataset '", name, "' in '", path_, "'");
 }
 
+// Test hook: with CSAQ_FAULT_ENOSPC_AFTER=N in the environment, the process's dataset writes
+// after the first N fail the way a full disk makes them fail.
+bool injected_disk_full() {
+  static long countdown = [] {
+    const char* v = std::getenv("CSAQ_FAULT_ENOSPC_AFTER");
+    return v != nullptr ? std::atol(v) : -1L;
+  }();
+  if (countdown < 0) return false;
+  if (countdown == 0) return true;
+  --countdown;
+  return false;
+}
+
 void H5File::write(const std::string& name, const at::Tensor& data) {
+  CSAQ_CHECK(!injected_disk_full(), "cannot write dataset '", name, "' in '", path_,
+             "': No space left on device (injected by CSAQ_FAULT_ENOSPC_AFTER)");
   Handle d{open_dataset(name), H5Dclose};
   Handle space{H5Dget_space(d.id), H5Sclose};
   const hssize_t n = H5Sget_simple_extent_npoints(space.id);

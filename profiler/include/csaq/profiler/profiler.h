@@ -85,7 +85,8 @@ class Profiler {
   std::size_t state_bytes() const;
 
   // Collective: writes every Linear's accumulators under "stats/<layer>/<linear>/" (each rank
-  // its own layers) plus "profile.json" (options, early stopping, `extra` from rank 0).
+  // its own layers) plus "profile.json" (options, early stopping, `extra` from rank 0) and the
+  // early-stop sample, so that load() resumes exactly where this stopped.
   void save(storage::H5File& file, Communicator& comm, const std::string& extra_json) const;
   // Reads this rank's Linears back; the file's options must match this profiler's.
   void load(const storage::H5File& file);

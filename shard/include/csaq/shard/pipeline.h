@@ -33,6 +33,13 @@ struct LossTotals {
   double mean_nll() const { return predicted_tokens > 0 ? nll_sum / predicted_tokens : 0.0; }
 };
 
+// Where a resumed calibration picks up: the first micro-batch to run (a multiple of
+// in_flight, so rounds line up with an uninterrupted run) and the totals before it.
+struct ResumePoint {
+  std::int64_t micro_batch = 0;
+  LossTotals totals;
+};
+
 // dLoss/dW of one decoder layer's Linear weights (kLinearNames order) for one micro-batch,
 // where Loss is that micro-batch's mean next-token cross-entropy.
 struct LayerGradients {
@@ -47,10 +54,16 @@ using LogitsCallback =
     std::function<void(std::int64_t micro_batch, const at::Tensor& ids, const at::Tensor& logits)>;
 // Every rank, after each micro-batch it finished (forward for evaluate, backward for calibrate).
 using ProgressCallback = std::function<void(std::int64_t done, std::int64_t total)>;
-// Every rank, after each round of `in_flight` micro-batches, with the sequences done so far;
-// returning true stops calibration there. It may run collectives, and every rank must return
-// the same answer (early stopping decides globally this way).
-using RoundCallback = std::function<bool(std::int64_t sequences_done)>;
+// What a round callback learns after each round of `in_flight` micro-batches.
+struct RoundInfo {
+  std::int64_t sequences_done = 0;
+  std::int64_t micro_batches_done = 0;
+  LossTotals totals;  // running totals so far; meaningful on the last rank only
+};
+// Every rank, after each round; returning true stops calibration there. It may run
+// collectives, and every rank must return the same answer (early stopping and preemption
+// decide this way).
+using RoundCallback = std::function<bool(const RoundInfo& info)>;
 
 // Not thread-safe; one per rank, all ranks calling the same methods in the same order.
 class Pipeline {
@@ -63,13 +76,16 @@ class Pipeline {
   LossTotals evaluate(const TokenSequences& data, const LogitsCallback& on_logits = {},
                       const ProgressCallback& on_progress = {});
 
-  // Forward and backward of every micro-batch; `on_grads` sees each layer's weight
-  // gradients, `observer` (if any) every Linear's input and output (detach before keeping).
+  // Forward and backward of every micro-batch from `resume` on; `on_grads` sees each layer's
+  // weight gradients, `observer` (if any) every Linear's input and output (detach before
+  // keeping). Returns the totals of all micro-batches, those before `resume` included, summed
+  // in the same order as an uninterrupted run.
   LossTotals calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                        const LinearObserver* observer = nullptr,
                        const LogitsCallback& on_logits = {},
                        const ProgressCallback& on_progress = {},
-                       const RoundCallback& after_round = {});
+                       const RoundCallback& after_round = {},
+                       const ResumePoint& resume = {});
 
  private:
   at::Tensor receive_hidden(std::int64_t batch, std::int64_t seq_len, std::int64_t micro_batch);

@@ -1,0 +1,61 @@
+// Resumable calibration: HDF5 checkpoints of the profiler's state, preemption by signal,
+// and --resume. See docs/cluster.md.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "csaq/profiler/profiler.h"
+#include "csaq/shard/comm.h"
+#include "csaq/shard/data.h"
+#include "csaq/shard/pipeline.h"
+
+namespace csaq::cli {
+
+// Exit status after a checkpoint written because of SIGUSR1/SIGTERM (EX_TEMPFAIL): the job
+// should be requeued and rerun with --resume auto.
+inline constexpr int kPreemptedExitCode = 75;
+
+// Thrown on every rank once a preemption checkpoint is committed.
+struct Preempted {
+  std::string checkpoint;
+};
+
+// SIGUSR1 and SIGTERM only set a flag; ranks agree on it at the next round boundary.
+void install_preemption_handlers();
+
+// What must match for a checkpoint to be resumed: format, model files, calibration tokens,
+// options. Cheap: hashes of config.json, of each safetensors header and of the token windows.
+nlohmann::json calibration_fingerprint(const std::string& model_dir, const TokenSequences& data,
+                                       const nlohmann::json& options);
+
+class CalibrationCheckpointer {
+ public:
+  // Checkpoints go to `dir` (created on rank 0) every `every` micro-batches (0: only when
+  // preempted).
+  CalibrationCheckpointer(std::string dir, std::int64_t every, nlohmann::json fingerprint, Communicator& comm);
+
+  // mode "never": start fresh; "auto": the newest committed checkpoint if there is one;
+  // "must": that checkpoint or an error. Restores `profiler` and returns where to continue.
+  // A fingerprint mismatch is an error listing every difference.
+  ResumePoint resume(const std::string& mode, Profiler& profiler);
+  // Chains the profiler's early stopping with periodic and preemption checkpoints.
+  RoundCallback round_callback(Profiler& profiler);
+  // Removes this run's checkpoints (after the final output is written).
+  void remove_all();
+  const std::string& resumed_from() const { return resumed_from_; }
+
+ private:
+  void save(std::int64_t micro_batches, const LossTotals& totals, const Profiler& profiler);
+
+  std::string dir_;
+  std::int64_t every_;
+  nlohmann::json fingerprint_;
+  Communicator& comm_;
+  std::int64_t last_saved_ = 0;
+  int saves_ = 0;
+  std::string resumed_from_;
+};
+
+}  // namespace csaq::cli

@@ -1,0 +1,168 @@
+// Surviving the cluster: preemption, killed ranks, crashes and full disks during checkpoint
+// writes, resuming on another world size. Every resumed run must give the byte-identical
+// checkpoint and the same report (timings aside) as an uninterrupted one.
+#include <filesystem>
+
+#include "cli_support.h"
+#include "csaq/packer/checkpoint.h"
+#include "csaq/storage/h5.h"
+#include "h5_compare.h"
+
+namespace csaq {
+namespace {
+namespace fs = std::filesystem;
+
+class Resume : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    make_demo(dir);
+    if (HasFatalFailure()) return;
+    Result r = run(mpirun(2) + quantize("ref.h5"));
+    ASSERT_EQ(r.rc, 0) << r.output;
+  }
+
+  // 24 calibration sequences in rounds of 2, a checkpoint every 2 micro-batches.
+  std::string quantize(const std::string& out, const std::string& extra = "") const {
+    return " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
+           " --samples 24 --seq-len 64 --in-flight 2 --checkpoint-every 2 --early-stop-rho 2 --target-bits 5"
+           " --bit-options 2,4,8 --group-size 32 --clique-threshold 0.5 --out " + (dir / out) + " --report " +
+           (dir / (out + ".json")) + extra;
+  }
+
+  // `out` equals the uninterrupted ref.h5: every dataset, and the report without timings.
+  void expect_same_as_reference(const std::string& out, bool same_world = true) const {
+    ASSERT_TRUE(fs::exists(dir / out)) << out;
+    const storage::H5File a = storage::H5File::open_read(dir / "ref.h5"), b = storage::H5File::open_read(dir / out);
+    int compared = 0;
+    test::expect_same_datasets(a, b, "", compared, {"report.json"});
+    EXPECT_GT(compared, 3 * 7 * 8);
+    auto strip = [&](json j) {
+      j.erase("time_s");
+      if (!same_world) j.erase("world_size");
+      return j;
+    };
+    EXPECT_EQ(strip(json::parse(a.read_text("report.json"))), strip(json::parse(b.read_text("report.json"))));
+    EXPECT_EQ(strip(read_json(dir / "ref.h5.json")), strip(read_json(dir / (out + ".json"))));
+    EXPECT_FALSE(fs::exists(dir / (out + ".calib"))) << "checkpoints are removed after success";
+  }
+
+  std::vector<std::string> committed(const std::string& out) const {
+    std::vector<std::string> names;
+    if (!fs::exists(dir / (out + ".calib"))) return names;
+    for (const auto& e : fs::directory_iterator(dir / (out + ".calib")))
+      if (e.path().extension() == ".done") names.push_back(e.path().stem().string());
+    return names;
+  }
+
+  TempDir dir;
+};
+
+TEST_F(Resume, PreemptionWritesACheckpointExitsWith75AndResumesOnAnotherWorldSize) {
+  Result r = run("env CSAQ_FAULT_SIGNAL_AT=6 " + mpirun(2) + quantize("out.h5"));
+  EXPECT_EQ(r.rc, 75) << r.output;
+  EXPECT_NE(r.output.find("preempted: calibration checkpoint"), std::string::npos) << r.output;
+  EXPECT_EQ(committed("out.h5"), std::vector<std::string>{"calib-0000000006.h5"});
+  EXPECT_FALSE(fs::exists(dir / "out.h5"));
+  r = run(mpirun(3) + quantize("out.h5"));  // resharded: 3 ranks continue 2 ranks' state
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("[resume]"), std::string::npos) << r.output;
+  expect_same_as_reference("out.h5", /*same_world=*/false);
+}
+
+TEST_F(Resume, RealSigusr1ToMpirunStopsAtTheNextRoundAndResumes) {
+  const std::string script = "CSAQ_TEST_ROUND_DELAY_MS=300 " + mpirun(2) + quantize("out.h5") + " > " +
+                             (dir / "log") + " 2>&1 & pid=$!; for i in $(seq 300); do ls " + (dir / "out.h5.calib") +
+                             "/*.done > /dev/null 2>&1 && break; sleep 0.1; done; kill -USR1 $pid; wait $pid";
+  Result r = run("sh -c '" + script + "'");
+  std::ifstream log(dir / "log");
+  const std::string out((std::istreambuf_iterator<char>(log)), {});
+  EXPECT_EQ(r.rc, 75) << out;
+  ASSERT_FALSE(committed("out.h5").empty());
+  r = run(mpirun(2) + quantize("out.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  expect_same_as_reference("out.h5");
+}
+
+TEST_F(Resume, KillingOneRankEndsTheJobNamingItAndTheRunResumes) {
+  fs::create_directories(dir / "pids");
+  const std::string script = "CSAQ_TEST_PID_DIR=" + (dir / "pids") + " CSAQ_TEST_ROUND_DELAY_MS=300 " + mpirun(3) +
+                             quantize("out.h5") + " > " + (dir / "log") + " 2>&1 & pid=$!; for i in $(seq 300); do ls " +
+                             (dir / "out.h5.calib") + "/*.done > /dev/null 2>&1 && break; sleep 0.1; done; sleep 0.$((RANDOM % 9)); "
+                             "kill -9 $(cat " + (dir / "pids/rank-1.pid") + "); wait $pid";
+  const auto start = std::chrono::steady_clock::now();
+  Result r = run("bash -c '" + script + "'", 90);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::ifstream log(dir / "log");
+  const std::string out((std::istreambuf_iterator<char>(log)), {});
+  EXPECT_NE(r.rc, 0) << out;
+  EXPECT_NE(r.rc, 124) << "the other ranks hung\n" << out;
+  EXPECT_LT(seconds, 60);
+  EXPECT_NE(out.find("rank 1"), std::string::npos) << out;
+  EXPECT_FALSE(committed("out.h5").empty());
+  r = run(mpirun(2) + quantize("out.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  expect_same_as_reference("out.h5");
+}
+
+TEST_F(Resume, ACrashWhileWritingACheckpointKeepsThePreviousOne) {
+  Result r = run("env CSAQ_FAULT_CRASH_IN_CHECKPOINT=2 " + mpirun(2) + quantize("out.h5"));
+  EXPECT_NE(r.rc, 0) << r.output;
+  EXPECT_EQ(committed("out.h5"), std::vector<std::string>{"calib-0000000002.h5"});
+  EXPECT_TRUE(fs::exists(dir / "out.h5.calib/calib-0000000004.h5.partial")) << "the interrupted write";
+  r = run(mpirun(2) + quantize("out.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("calib-0000000002.h5: 2 micro-batches done"), std::string::npos) << r.output;
+  expect_same_as_reference("out.h5");
+}
+
+TEST_F(Resume, AFullDiskIsAClearErrorAndThePreviousCheckpointStays) {
+  // One process writes 6 datasets per Linear (21 Linears) plus 3 texts per checkpoint: the
+  // second checkpoint runs out of space half-way.
+  Result r = run("env CSAQ_FAULT_ENOSPC_AFTER=200 " + csaq() + quantize("out.h5"));
+  EXPECT_EQ(r.rc, 1) << r.output;
+  EXPECT_NE(r.output.find("No space left on device"), std::string::npos) << r.output;
+  EXPECT_EQ(committed("out.h5"), std::vector<std::string>{"calib-0000000002.h5"});
+  r = run(mpirun(2) + quantize("out.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  expect_same_as_reference("out.h5");
+}
+
+TEST_F(Resume, AMismatchedCheckpointIsRefusedNamingWhatDiffers) {
+  Result r = run("env CSAQ_FAULT_SIGNAL_AT=4 " + csaq() + quantize("out.h5"));
+  ASSERT_EQ(r.rc, 75) << r.output;
+  r = run(csaq() + quantize("out.h5", " --seed 7 --candidates 16"));
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("does not match this run"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("options.seed: checkpoint 0, this run 7"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("options.candidates: checkpoint 512, this run 16"), std::string::npos) << r.output;
+  r = run(csaq() + quantize("other.h5", " --resume must"));
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--resume must: no committed checkpoint"), std::string::npos) << r.output;
+  r = run(mpirun(2) + quantize("out.h5", " --resume never"));  // starts over, same result
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(r.output.find("[resume]"), std::string::npos) << r.output;
+  expect_same_as_reference("out.h5");
+}
+
+TEST(Cluster, SlurmTaskCountMustMatchTheMpiWorld) {
+  TempDir dir;
+  Result r = run("env SLURM_NTASKS=4 " + csaq() + " eval --model " + dir.path() + " --data x.npy --seq-len 8");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("SLURM_NTASKS=4 but the MPI world has 1 rank"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("srun --mpi=pmix"), std::string::npos) << r.output;
+}
+
+TEST(Cluster, AnOutputThatIsAnInputIsRefused) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  Result r = run(csaq() + " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
+                 " --target-bits 5 --group-size 32 --out " + (dir / "demo/calib.txt") + " --overwrite");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("is the input"), std::string::npos) << r.output;
+  std::ifstream in(dir / "demo/calib.txt");
+  EXPECT_FALSE(std::string((std::istreambuf_iterator<char>(in)), {}).empty());
+}
+
+}  // namespace
+}  // namespace csaq
