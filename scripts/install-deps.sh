@@ -12,6 +12,7 @@ packages=(
   nlohmann-json3-dev
   libpcre2-dev libicu-dev
   sentencepiece
+  slurmctld slurmd slurm-client munge hdf5-tools jq
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -12,6 +12,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef CSAQ_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
 #include "calibration_checkpoint.h"
 #include "commands.h"
 #include "csaq/storage/error.h"
@@ -85,6 +89,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   csaq::cli::install_preemption_handlers();
+#ifdef CSAQ_WITH_CUDA
+  // One GPU per rank, chosen by the rank's index among the ranks on its node.
+  if (c10::cuda::device_count() > 0)
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(comm->local_rank() % c10::cuda::device_count()));
+#endif
   if (const char* dir = std::getenv("CSAQ_TEST_PID_DIR")) {  // test hook: lets a test kill one rank
     if (FILE* f = std::fopen((std::string(dir) + "/rank-" + std::to_string(rank) + ".pid").c_str(), "w")) {
       std::fprintf(f, "%d\n", static_cast<int>(getpid()));
