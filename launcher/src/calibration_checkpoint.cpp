@@ -140,7 +140,6 @@ ResumePoint CalibrationCheckpointer::resume(const std::string& mode, Profiler& p
   r.totals.predicted_tokens = state["predicted_tokens"].get<std::int64_t>();
   r.totals.sequences = state["sequences"].get<std::int64_t>();
   last_saved_ = r.micro_batch;
-  resumed_from_ = path;
   if (comm_.rank() == 0)
     std::fprintf(stderr, "[resume] %s: %lld micro-batches done\n", path.c_str(), static_cast<long long>(r.micro_batch));
   return r;

@@ -44,7 +44,6 @@ class CalibrationCheckpointer {
   RoundCallback round_callback(Profiler& profiler);
   // Removes this run's checkpoints (after the final output is written).
   void remove_all();
-  const std::string& resumed_from() const { return resumed_from_; }
 
  private:
   void save(std::int64_t micro_batches, const LossTotals& totals, const Profiler& profiler);
@@ -55,7 +54,6 @@ class CalibrationCheckpointer {
   Communicator& comm_;
   std::int64_t last_saved_ = 0;
   int saves_ = 0;
-  std::string resumed_from_;
 };
 
 }  // namespace csaq::cli

@@ -218,12 +218,6 @@ void Profiler::load(const storage::H5File& f) {
   previous_sample_ = previous.defined() && previous.numel() > 0 ? previous : at::Tensor();
 }
 
-std::size_t Profiler::state_bytes() const {
-  std::size_t n = 0;
-  for (const auto& s : stats_) n += s.causal.nbytes() + s.fisher.nbytes() + s.input_abs_sum.nbytes() + s.coact.state_bytes();
-  return n;
-}
-
 double spearman(const at::Tensor& a, const at::Tensor& b) {
   auto ranks = [](const at::Tensor& v) {
     const at::Tensor order = std::get<1>(at::sort(v.to(at::kDouble), /*stable=*/true, 0, false));

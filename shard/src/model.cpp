@@ -184,25 +184,6 @@ ModelShard::ModelShard(ModelConfig config, int rank, int world, const TensorSour
   }
 }
 
-std::uint64_t ModelShard::parameter_bytes() const {
-  std::uint64_t n = 0;
-  auto add = [&](const at::Tensor& t) {
-    if (t.defined()) n += t.nbytes();
-  };
-  add(embed_tokens_);
-  add(final_norm_);
-  add(lm_head_);
-  for (const auto& layer : decoder_) {
-    add(layer.input_norm);
-    add(layer.post_attention_norm);
-    for (const auto& lin : layer.linears) {
-      add(lin.weight);
-      add(lin.bias);
-    }
-  }
-  return n;
-}
-
 at::Tensor ModelShard::embed(const at::Tensor& ids) const {
   CSAQ_ASSERT(is_first(), "embed() on rank ", rank_);
   return at::embedding(embed_tokens_, ids);

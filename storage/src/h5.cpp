@@ -88,14 +88,6 @@ struct Handle {  // closes an HDF5 id of any kind
 
 }  // namespace
 
-bool h5_is_parallel() {
-#ifdef H5_HAVE_PARALLEL
-  return true;
-#else
-  return false;
-#endif
-}
-
 H5File H5File::create(const std::string& path, bool collective) {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   H5File f;

@@ -82,7 +82,6 @@ class Profiler {
 
   const std::vector<EarlyStopCheck>& early_stop_checks() const { return checks_; }
   bool stopped_early() const { return stopped_early_; }
-  std::size_t state_bytes() const;
 
   // Collective: writes every Linear's accumulators under "stats/<layer>/<linear>/" (each rank
   // its own layers) plus "profile.json" (options, early stopping, `extra` from rank 0) and the

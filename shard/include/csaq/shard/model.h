@@ -110,7 +110,6 @@ class ModelShard {
   const at::Tensor& embed_tokens() const { return embed_tokens_; }
   const at::Tensor& final_norm() const { return final_norm_; }
   const at::Tensor& lm_head() const { return lm_head_; }
-  std::uint64_t parameter_bytes() const;
 
   // First rank: token ids [b, L] -> hidden states [b, L, hidden].
   at::Tensor embed(const at::Tensor& ids) const;

@@ -53,7 +53,4 @@ class H5File {
   bool collective_ = false;
 };
 
-// Whether this HDF5 build can write one file from many ranks.
-bool h5_is_parallel();
-
 }  // namespace csaq::storage
