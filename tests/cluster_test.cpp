@@ -24,7 +24,7 @@ class Resume : public ::testing::Test {
   // 24 calibration sequences in rounds of 2, a checkpoint every 2 micro-batches.
   std::string quantize(const std::string& out, const std::string& extra = "") const {
     return " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
-           " --samples 24 --seq-len 64 --in-flight 2 --checkpoint-every 2 --early-stop-rho 2 --target-bits 5"
+           " --samples 24 --seq-len 64 --in-flight 2 --checkpoint-every 2 --early-stop-rho 0.9999 --target-bits 5"
            " --bit-options 2,4,8 --group-size 32 --clique-threshold 0.5 --out " + (dir / out) + " --report " +
            (dir / (out + ".json")) + extra;
   }
@@ -44,6 +44,7 @@ class Resume : public ::testing::Test {
     EXPECT_EQ(strip(json::parse(a.read_text("report.json"))), strip(json::parse(b.read_text("report.json"))));
     EXPECT_EQ(strip(read_json(dir / "ref.h5.json")), strip(read_json(dir / (out + ".json"))));
     EXPECT_FALSE(fs::exists(dir / (out + ".calib"))) << "checkpoints are removed after success";
+    EXPECT_EQ(read_json(dir / "ref.h5.json")["early_stop"]["checks"].size(), 2u) << "checks at 16 and 24";
   }
 
   std::vector<std::string> committed(const std::string& out) const {
@@ -58,10 +59,12 @@ class Resume : public ::testing::Test {
 };
 
 TEST_F(Resume, PreemptionWritesACheckpointExitsWith75AndResumesOnAnotherWorldSize) {
-  Result r = run("env CSAQ_FAULT_SIGNAL_AT=6 " + mpirun(2) + quantize("out.h5"));
+  // Preempted at 10 sequences: between the early-stop samples at 8 and 16, so the resumed run
+  // must carry the sample of 8 over to compare at 16.
+  Result r = run("env CSAQ_FAULT_SIGNAL_AT=10 " + mpirun(2) + quantize("out.h5"));
   EXPECT_EQ(r.rc, 75) << r.output;
   EXPECT_NE(r.output.find("preempted: calibration checkpoint"), std::string::npos) << r.output;
-  EXPECT_EQ(committed("out.h5"), std::vector<std::string>{"calib-0000000006.h5"});
+  EXPECT_EQ(committed("out.h5"), std::vector<std::string>{"calib-0000000010.h5"});
   EXPECT_FALSE(fs::exists(dir / "out.h5"));
   r = run(mpirun(3) + quantize("out.h5"));  // resharded: 3 ranks continue 2 ranks' state
   ASSERT_EQ(r.rc, 0) << r.output;
