@@ -86,6 +86,20 @@ TEST(Cli, TextInputEvaluatesLikeTheReferenceTokenIds) {
   EXPECT_NEAR(perplexity_of(a), 36.64, 0.05);
 }
 
+TEST(Cli, Bfloat16ComputeStaysCloseToTheReferencePerplexity) {
+  CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
+  CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");
+  TempDir dir;
+  const Result r = run(mpirun(2) + " eval --model " + model_dir + " --data " + heldout +
+                       " --seq-len 512 --dtype bfloat16 --report " + (dir / "r.json"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NEAR(perplexity_of(r), 36.64, 36.64 * 1e-3);
+  EXPECT_EQ(read_json(dir / "r.json")["dtype"], "BFloat16");
+  const Result h = run(csaq() + " eval --model " + model_dir + " --data " + heldout + " --seq-len 512 --dtype float16");
+  EXPECT_EQ(h.rc, 2);
+  EXPECT_NE(h.output.find("--dtype float16 needs a CUDA build"), std::string::npos) << h.output;
+}
+
 TEST(Cli, AnExistingReportIsNotOverwrittenWithoutAsking) {
   TempDir dir;
   make_demo(dir);

@@ -62,6 +62,21 @@ TEST(MpiPipeline, FixturesMatchTransformersAndTheSingleProcessRunExactly) {
   }
 }
 
+TEST(MpiPipeline, Bfloat16DistributedRunEqualsTheSingleProcessRunExactly) {
+  CSAQ_REQUIRE_SHARED(root, "fixtures");
+  Communicator& w = test::world();
+  for (const char* fixture : test::kFixtures) {
+    SCOPED_TRACE(fixture);
+    const std::string dir = test::shared_path(fixture);
+    const test::FixtureRun dist = test::run_fixture(dir, w, at::kBFloat16);
+    test::expect_matches_reference(dist, dir, w, test::kBfloat16Tolerance);
+    LocalCommunicator local;
+    const test::FixtureRun single = test::run_fixture(dir, local, at::kBFloat16);
+    EXPECT_EQ(dist.calib_loss, single.calib_loss);
+    for (const auto& [name, grad] : dist.grads) EXPECT_TRUE(at::equal(grad, single.grads.at(name))) << name;
+  }
+}
+
 TEST(MpiPipeline, TinyStoriesPerplexityEqualsOneRankAndTheReference) {
   CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
   CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");

@@ -186,6 +186,20 @@ TEST(Model, FixturesMatchTransformersLogitsLossAndGradientsOnOneRank) {
   }
 }
 
+TEST(Model, FixturesInBfloat16StayWithinBfloat16ToleranceOfTransformers) {
+  CSAQ_REQUIRE_SHARED(root, "fixtures");
+  for (const char* fixture : test::kFixtures) {
+    SCOPED_TRACE(fixture);
+    LocalCommunicator comm;
+    const std::string dir = test::shared_path(fixture);
+    const test::FixtureRun run = test::run_fixture(dir, comm, at::kBFloat16);
+    test::expect_matches_reference(run, dir, comm, test::kBfloat16Tolerance);
+    EXPECT_EQ(run.grads.begin()->second.scalar_type(), at::kBFloat16);
+    // ...and bfloat16 is really in use: the float32 tolerance would be missed.
+    EXPECT_GT(test::rel_error(run.eval_logits, storage::SafetensorsFile::open(dir + "/reference.safetensors")->tensor("logits")), 1e-3);
+  }
+}
+
 TEST(Model, TinyStoriesPerplexityMatchesTransformers) {
   CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
   CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");

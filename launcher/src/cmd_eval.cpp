@@ -16,7 +16,7 @@ namespace csaq::cli {
 namespace po = boost::program_options;
 
 int run_eval(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_dir, quantized, data_path, report_path, tokenizer;
+  std::string model_dir, quantized, data_path, report_path, tokenizer, dtype = "auto";
   std::int64_t seq_len = 0, max_sequences = -1, batch_size = 1;
   int threads = 0;
   po::options_description options("csaq eval options");
@@ -28,6 +28,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
       ("seq-len", po::value(&seq_len)->required(), "tokens per sequence (non-overlapping windows, remainder dropped)")
       ("max-sequences", po::value(&max_sequences), "evaluate at most this many sequences (default: all)")
       ("batch-size", po::value(&batch_size)->default_value(1), "sequences per micro-batch")
+      ("dtype", po::value(&dtype)->default_value(dtype), "compute dtype: auto (the checkpoint's), float32, bfloat16, float16")
       ("report", po::value(&report_path), "write a JSON report here")
       ("overwrite", "replace an existing --report file")
       ("threads", po::value(&threads)->default_value(0), "intra-op threads per rank (0: cores / ranks on the node)");
@@ -43,8 +44,10 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   const auto t0 = std::chrono::steady_clock::now();
   std::unique_ptr<QuantizedCheckpoint> ckpt;
   if (!quantized.empty()) ckpt = std::make_unique<QuantizedCheckpoint>(quantized);
-  ModelShard model = ckpt ? ModelShard(ckpt->config(), comm.rank(), comm.size(), ckpt->source())
-                          : load_model_shard(model_dir, comm.rank(), comm.size());
+  const ModelConfig config = ckpt ? ckpt->config() : ModelConfig::load(model_dir);
+  const at::ScalarType type = compute_dtype(dtype, config);
+  ModelShard model = ckpt ? ModelShard(config, comm.rank(), comm.size(), ckpt->source(), type)
+                          : load_model_shard(model_dir, comm.rank(), comm.size(), type);
   TokenSequences data = load_sequences(data_path, tokenizer.empty() ? model_dir : tokenizer, seq_len, max_sequences,
                                        Sampling::kContiguous, 0);
   data.check_vocabulary(model.config().vocab_size);
@@ -75,7 +78,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
           {"batch_size", batch_size},
           {"world_size", comm.size()},
           {"layer_partition", partition},
-          {"dtype", "float32"},
+          {"dtype", c10::toString(type)},
           {"elapsed_s", elapsed},
           {"tokens_per_s", elapsed > 0 ? static_cast<double>(data.tokens()) / elapsed : 0.0},
       };

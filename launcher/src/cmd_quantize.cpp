@@ -28,15 +28,6 @@ namespace {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// 16-bit dtype of the source checkpoint, for the tensors kept unquantized; float32 otherwise.
-at::ScalarType dense_dtype(const ModelConfig& c) {
-  const json j = json::parse(c.json_text);
-  const std::string t = j.value("torch_dtype", j.value("dtype", std::string("float32")));
-  if (t == "bfloat16") return at::kBFloat16;
-  if (t == "float16") return at::kHalf;
-  return at::kFloat;
-}
-
 json clique_stats(const Plan& plan, Communicator& comm) {
   at::Tensor sums = at::zeros({2}, at::kLong), largest = at::zeros({1}, at::kLong);
   for (const auto& lp : plan.linears) {
@@ -57,7 +48,7 @@ json clique_stats(const Plan& plan, Communicator& comm) {
 
 // Options of stage 1.
 struct ProfileArgs {
-  std::string calib, tokenizer, sampling = "random", salience = "causal", checkpoint_dir, resume = "auto";
+  std::string calib, tokenizer, sampling = "random", salience = "causal", checkpoint_dir, resume = "auto", dtype = "auto";
   std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512, checkpoint_every = 32;
   std::uint64_t seed = 0;
   double rho = 0.98;
@@ -77,7 +68,8 @@ struct ProfileArgs {
         ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline")
         ("checkpoint-dir", po::value(&checkpoint_dir), "calibration checkpoints (default: <out>.calib)")
         ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "micro-batches between calibration checkpoints (0: only on SIGUSR1/SIGTERM)")
-        ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must");
+        ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must")
+        ("dtype", po::value(&dtype)->default_value(dtype), "compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (salience always accumulates in float32)");
   }
   // Everything that changes what calibration computes (the world size does not).
   json fingerprint_options() const {
@@ -86,7 +78,7 @@ struct ProfileArgs {
             {"early_stop", p.early_stop}, {"rho", p.rho}, {"check_every", p.check_every},
             {"min_sequences", p.min_sequences}, {"sample_per_linear", p.sample_per_linear}, {"sample_seed", p.seed},
             {"samples", samples}, {"seq_len", seq_len}, {"sampling", sampling}, {"seed", seed},
-            {"batch_size", batch_size}, {"in_flight", in_flight}};
+            {"batch_size", batch_size}, {"in_flight", in_flight}, {"dtype", dtype}};
   }
   ProfilerOptions options() const {
     ProfilerOptions p;
@@ -223,7 +215,7 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
   const ModelConfig& c = model.config();
   const std::uint64_t vh = static_cast<std::uint64_t>(c.vocab_size) * c.hidden_size;
   report["unquantized"] = {{"embedding_and_lm_head_parameters", c.tie_word_embeddings ? vh : 2 * vh},
-                           {"bits", c10::elementSize(dense_dtype(c)) * 8}};
+                           {"bits", c10::elementSize(checkpoint_dtype(c)) * 8}};
   report["solver"] = {{"kind", solver_kind_name(sopt.kind)}, {"lambda", s.lambda}, {"units", s.units}};
   report["cliques"] = clique_stats(plan, comm);
   report["cliques"]["threshold"] = clique_threshold;
@@ -234,7 +226,7 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
 void pack_stage(const std::string& out, const ModelShard& model, const Plan& plan, std::int64_t group_size,
                 json& report, const std::string& report_path, bool overwrite, Communicator& comm, Clock::time_point start) {
   const auto t = Clock::now();
-  write_checkpoint(out, model, plan, group_size, report.dump(2), dense_dtype(model.config()), comm, overwrite);
+  write_checkpoint(out, model, plan, group_size, report.dump(2), checkpoint_dtype(model.config()), comm, overwrite);
   report["time_s"]["pack"] = seconds_since(t);
   report["time_s"]["total"] = seconds_since(start);
   if (comm.rank() == 0) {
@@ -275,9 +267,10 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options(rtn);
   const ProfilerOptions popt = pa.options();
-  check_target(ModelConfig::load(model_dir), sopt);
+  const ModelConfig config = ModelConfig::load(model_dir);
+  check_target(config, sopt);
 
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype, config));
   json report = base_report("quantize", model_dir, comm);
   report["method"] = method;
   report["time_s"]["load"] = seconds_since(start);
@@ -312,7 +305,8 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   const bool overwrite = vm.count("overwrite") > 0;
   check_outputs(overwrite, {out}, {model_dir, pa.calib, pa.tokenizer});
   set_threads(threads, comm);
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(),
+                                      compute_dtype(pa.dtype, ModelConfig::load(model_dir)));
   Profiler profiler(model, comm, pa.options());
   json report = base_report("profile", model_dir, comm);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;

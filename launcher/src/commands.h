@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "csaq/shard/comm.h"
+#include "csaq/shard/config.h"
 
 namespace csaq::cli {
 
@@ -29,6 +30,13 @@ int run_inspect(const std::vector<std::string>& args, Communicator& comm);
 bool parse_options(const std::string& command, boost::program_options::options_description& options,
                    const std::vector<std::string>& args, boost::program_options::variables_map& vm,
                    const Communicator& comm);
+
+// The dtype a checkpoint stores its weights in (config.json torch_dtype / dtype; float32
+// when absent).
+at::ScalarType checkpoint_dtype(const ModelConfig& config);
+// --dtype: float32, bfloat16, float16, or auto (the checkpoint's; float16 becomes float32 in
+// CPU builds, whose matrix products have no float16 kernels).
+at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config);
 
 // Sets LibTorch's intra-op threads: `requested`, or when 0 this node's cores shared
 // evenly between the ranks on it.

@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 
 #include <boost/program_options/errors.hpp>
+#include <nlohmann/json.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -54,6 +55,33 @@ bool parse_options(const std::string& command, po::options_description& options,
   }
   po::notify(vm);
   return true;
+}
+
+at::ScalarType checkpoint_dtype(const ModelConfig& c) {
+  const auto j = nlohmann::json::parse(c.json_text);
+  const std::string t = j.value("torch_dtype", j.value("dtype", std::string("float32")));
+  if (t == "bfloat16") return at::kBFloat16;
+  if (t == "float16") return at::kHalf;
+  return at::kFloat;
+}
+
+at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config) {
+#ifdef CSAQ_WITH_CUDA
+  constexpr bool kHalfKernels = true;
+#else
+  constexpr bool kHalfKernels = false;
+#endif
+  if (name == "auto") {
+    const at::ScalarType t = checkpoint_dtype(config);
+    return t == at::kHalf && !kHalfKernels ? at::kFloat : t;
+  }
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") {
+    if (!kHalfKernels) throw UsageError{"--dtype float16 needs a CUDA build (CPU matrix products have no float16 kernels)"};
+    return at::kHalf;
+  }
+  throw UsageError{"--dtype must be auto, float32, bfloat16 or float16, not '" + name + "'"};
 }
 
 void set_threads(int requested, const Communicator& comm) {
