@@ -69,12 +69,7 @@ std::string shared_temp_dir(Communicator& comm) {
     std::string tmpl = (std::filesystem::temp_directory_path() / "csaq-mpi-XXXXXX").string();
     dir = ::mkdtemp(tmpl.data());
   }
-  at::Tensor len = at::tensor({static_cast<std::int64_t>(dir.size())}, at::kLong);
-  comm.broadcast(len, 0);
-  at::Tensor bytes = at::zeros({len.item<std::int64_t>()}, at::kByte);
-  if (comm.rank() == 0) std::copy(dir.begin(), dir.end(), reinterpret_cast<char*>(bytes.data_ptr()));
-  comm.broadcast(bytes, 0);
-  return std::string(reinterpret_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel()));
+  return broadcast_string(comm, dir);
 }
 
 TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {

@@ -2,9 +2,6 @@
 
 #include <ATen/ATen.h>
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -73,17 +70,6 @@ at::Tensor dense_tensor(const ModelShard& model, const std::string& name) {
   CSAQ_FAIL("internal error: rank ", model.rank(), " does not hold '", name, "'");
 }
 
-// Rank 0's text on every rank.
-std::string broadcast_text(const std::string& text, Communicator& comm) {
-  at::Tensor len = at::tensor({static_cast<std::int64_t>(text.size())}, at::kLong);
-  comm.broadcast(len, 0);
-  at::Tensor bytes = at::zeros({len.item<std::int64_t>()}, at::kByte);
-  if (comm.rank() == 0) std::copy(text.begin(), text.end(), reinterpret_cast<char*>(bytes.data_ptr()));
-  comm.broadcast(bytes, 0);
-  const char* p = reinterpret_cast<const char*>(bytes.data_ptr());
-  return std::string(p, p + bytes.numel());
-}
-
 }  // namespace
 
 void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm,
@@ -99,20 +85,7 @@ void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm
     f.close();
   }
   comm.barrier();
-  if (comm.rank() == 0) {
-    // On disk before it gets its name: fsync the file, rename, fsync the directory.
-    const int fd = ::open(partial.c_str(), O_RDONLY | O_CLOEXEC);
-    CSAQ_CHECK(fd >= 0 && ::fsync(fd) == 0, "cannot sync '", partial, "': ", errno_str(errno));
-    ::close(fd);
-    CSAQ_CHECK(std::rename(partial.c_str(), path.c_str()) == 0, "cannot rename '", partial, "' to '", path, "': ",
-               errno_str(errno));
-    fs::path dir = fs::path(path).parent_path();
-    const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
-  }
+  if (comm.rank() == 0) storage::durable_rename(partial, path);  // on disk before it gets its name
   comm.barrier();
 }
 
@@ -201,15 +174,13 @@ void write_checkpoint(const std::string& path, const ModelShard& model, const Pl
     packed.emplace(key, std::move(p));
   }
   comm.all_reduce(sizes, ReduceOp::kSum);
-  const std::string report = broadcast_text(report_json, comm);
+  const std::string report = broadcast_string(comm, report_json);
   const bool rank0 = comm.rank() == 0;
   write_shared_h5(path, overwrite, comm, [&](H5File& f) {
     // Creation is collective: every rank, same datasets, same order.
-    const std::vector<std::pair<std::string, const std::string*>> texts = {
-        {"format", nullptr}, {"config.json", &c.json_text}, {"report.json", &report}};
-    const std::string format = kFormatName;
-    for (const auto& [name, text] : texts)
-      f.create_dataset(name, at::kByte, {static_cast<std::int64_t>((text ? *text : format).size())});
+    f.put_text("format", kFormatName, rank0);
+    f.put_text("config.json", c.json_text, rank0);
+    f.put_text("report.json", report, rank0);
     f.create_dataset("format_version", at::kLong, {1});
     const auto shapes = linear_shapes(c);
     for (std::int64_t l = 0; l < c.num_layers; ++l) {
@@ -232,15 +203,7 @@ void write_checkpoint(const std::string& path, const ModelShard& model, const Pl
     const auto dense = dense_entries(model);
     for (const auto& e : dense) f.create_dataset("dense/" + e.name, dense_dtype, e.shape);
     // Each rank writes what it owns.
-    if (rank0) {
-      for (const auto& [name, text] : texts) {
-        const std::string& t = text ? *text : format;
-        at::Tensor bytes = at::empty({static_cast<std::int64_t>(t.size())}, at::kByte);
-        std::copy(t.begin(), t.end(), reinterpret_cast<char*>(bytes.data_ptr()));
-        f.write(name, bytes);
-      }
-      f.write("format_version", at::tensor({kCheckpointFormatVersion}, at::kLong));
-    }
+    if (rank0) f.write("format_version", at::tensor({kCheckpointFormatVersion}, at::kLong));
     for (const auto& [key, p] : packed) {
       const std::string g = linear_group(key / kNumLinears, static_cast<int>(key % kNumLinears));
       f.write(g + "shape", at::tensor({p.out, p.in, p.group}, at::kLong));

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "csaq/storage/error.h"
@@ -145,12 +146,9 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
   profile["early_stop_checks"] = checks;
   profile["stopped_early"] = stopped_early_;
   profile["early_stop_last_check"] = last_check_;
-  // Rank 0's text decides the dataset size every rank creates.
-  std::string text = profile.dump(2);
-  at::Tensor len = at::tensor({static_cast<std::int64_t>(text.size())}, at::kLong);
-  comm.broadcast(len, 0);
-  f.create_dataset("profile.json", at::kByte, {len.item<std::int64_t>()});
-  f.create_dataset("config.json", at::kByte, {static_cast<std::int64_t>(c.json_text.size())});
+  const bool rank0 = comm.rank() == 0;
+  f.put_text("profile.json", broadcast_string(comm, profile.dump(2)), rank0);
+  f.put_text("config.json", c.json_text, rank0);
   // The early-stop sample is global (identical on every rank): rank 0 writes it.
   f.create_dataset("early_stop_previous", at::kFloat, {previous_sample_.defined() ? previous_sample_.numel() : 0});
   const auto shapes = linear_shapes(c);
@@ -166,16 +164,7 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
       f.create_dataset(g + "candidates", at::kLong, {k});
       f.create_dataset(g + "coact_counts", at::kLong, {k, k});
     }
-  if (comm.rank() == 0) {
-    auto bytes = [](const std::string& t) {
-      at::Tensor b = at::empty({static_cast<std::int64_t>(t.size())}, at::kByte);
-      std::copy(t.begin(), t.end(), reinterpret_cast<char*>(b.data_ptr()));
-      return b;
-    };
-    f.write("profile.json", bytes(text));
-    f.write("config.json", bytes(c.json_text));
-    if (previous_sample_.defined()) f.write("early_stop_previous", previous_sample_);
-  }
+  if (rank0 && previous_sample_.defined()) f.write("early_stop_previous", previous_sample_);
   for (const auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
     f.write(g + "causal", st.causal);
@@ -236,26 +225,38 @@ double spearman(const at::Tensor& a, const at::Tensor& b) {
 namespace csaq {
 namespace {
 
-// Smallest t (to bisection precision) such that at most `fraction` of all values are >= t.
-double global_top_threshold(const std::vector<at::Tensor>& values, double fraction, Communicator& comm) {
-  at::Tensor stats = at::zeros({2}, at::kDouble);  // count, max
+float float_of_bits(std::int64_t bits) {
+  const auto u = static_cast<std::uint32_t>(bits);
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// The smallest float32 t such that at most `fraction` of all (non-negative float32) values
+// are >= t. Bisects the bit patterns, which order like non-negative floats: exact, and at
+// most 32 passes over the values.
+float global_top_threshold(const std::vector<at::Tensor>& values, double fraction, Communicator& comm) {
+  at::Tensor count = at::zeros({1}, at::kLong), top = at::zeros({1}, at::kFloat);
   for (const auto& v : values) {
-    stats[0] += static_cast<double>(v.numel());
-    stats[1] = std::max(stats[1].item<double>(), v.max().item<double>());
+    count += v.numel();
+    top = at::maximum(top, v.max().reshape({1}).to(at::kFloat));
   }
-  at::Tensor count = stats.slice(0, 0, 1).clone(), top = stats.slice(0, 1, 2).clone();
   comm.all_reduce(count, ReduceOp::kSum);
   comm.all_reduce(top, ReduceOp::kMax);
-  const double wanted = fraction * count.item<double>();
-  double lo = 0.0, hi = top.item<double>() * (1 + 1e-12) + 1e-300;
-  for (int i = 0; i < 100; ++i) {
-    const double mid = 0.5 * (lo + hi);
+  const double wanted = fraction * static_cast<double>(count.item<std::int64_t>());
+  const float max = top.item<float>();
+  std::uint32_t max_bits;
+  std::memcpy(&max_bits, &max, sizeof(max_bits));
+  // Invariant: more than `wanted` values are >= float_of_bits(lo), at most `wanted` >= hi's.
+  std::int64_t lo = 0, hi = static_cast<std::int64_t>(max_bits) + 1;
+  while (hi - lo > 1) {
+    const std::int64_t mid = lo + (hi - lo) / 2;
     at::Tensor above = at::zeros({1}, at::kLong);
-    for (const auto& v : values) above += (v >= mid).sum();
+    for (const auto& v : values) above += (v >= float_of_bits(mid)).sum();
     comm.all_reduce(above, ReduceOp::kSum);
     (static_cast<double>(above.item<std::int64_t>()) > wanted ? lo : hi) = mid;
   }
-  return hi;
+  return float_of_bits(hi);
 }
 
 }  // namespace
@@ -267,7 +268,7 @@ double top_fraction_agreement(const Profiler& profiler, SalienceKind a, Salience
     va.push_back(profiler.salience(s.layer, s.linear, a));
     vb.push_back(profiler.salience(s.layer, s.linear, b));
   }
-  const double ta = global_top_threshold(va, fraction, comm), tb = global_top_threshold(vb, fraction, comm);
+  const float ta = global_top_threshold(va, fraction, comm), tb = global_top_threshold(vb, fraction, comm);
   at::Tensor counts = at::zeros({2}, at::kLong);
   for (std::size_t i = 0; i < va.size(); ++i) {
     const at::Tensor top_a = va[i] >= ta;

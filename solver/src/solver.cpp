@@ -88,7 +88,6 @@ LinearUnits build_units(const LinearInput& in, const SolverOptions& opt) {
   // s_w / |w|, 0 where w is 0 (there the salience is 0 as well).
   const at::Tensor weight_of_error =
       salient ? at::where(w.abs() > 0, in.salience / w.abs().clamp_min(1e-30), at::zeros_like(w)) : at::Tensor();
-  const auto* members = u.members.data_ptr<std::int64_t>();
   for (std::int64_t o = 0; o < k; ++o) {
     const int b = opt.bit_options[o];
     if (salient) {
@@ -103,12 +102,15 @@ LinearUnits build_units(const LinearInput& in, const SolverOptions& opt) {
       const at::Tensor row_cost = ((deq - w).abs() * weight_of_error).sum(1, false, at::kDouble);
       u.cost.select(1, o).index_add_(0, slot, row_cost);
     }
-    for (std::int64_t i = 0; i < n; ++i) {
-      const UnitBits ub = unit_bits(members[i], cols, b, group);
-      u.payload[i][o] = ub.payload;
-      u.total[i][o] = ub.total();
-      u.bits[i][o] = basis(ub, opt.target_is_total);
-    }
+    // unit_bits is affine in the number of rows (codes and row maps per row, scales per
+    // leader): every unit's size is fixed + members * per_row, computed for all units at once.
+    const UnitBits none = unit_bits(0, cols, b, group), one = unit_bits(1, cols, b, group);
+    CSAQ_ASSERT(unit_bits(2, cols, b, group).total() == 2 * one.total() - none.total());
+    const at::Tensor payload = u.members * (one.payload - none.payload) + none.payload;
+    const at::Tensor total = u.members * (one.total() - none.total()) + none.total();
+    u.payload.select(1, o).copy_(payload);
+    u.total.select(1, o).copy_(total);
+    u.bits.select(1, o).copy_(opt.target_is_total ? total : payload);
   }
   if (salient) {
     const at::Tensor row_sal = in.salience.sum(1, false, at::kDouble);
@@ -338,29 +340,19 @@ namespace {
 std::string plan_group(std::int64_t layer, int linear) {
   return "plan/" + std::to_string(layer) + "/" + kLinearNames.at(linear) + "/";
 }
-at::Tensor text_bytes(const std::string& t) {
-  at::Tensor b = at::empty({static_cast<std::int64_t>(t.size())}, at::kByte);
-  std::copy(t.begin(), t.end(), reinterpret_cast<char*>(b.data_ptr()));
-  return b;
-}
 }  // namespace
 
 void save_plan(storage::H5File& f, const Plan& plan, const ModelConfig& config, const std::string& report_json,
                Communicator& comm) {
-  at::Tensor len = at::tensor({static_cast<std::int64_t>(report_json.size())}, at::kLong);
-  comm.broadcast(len, 0);
-  f.create_dataset("report.json", at::kByte, {len.item<std::int64_t>()});
-  f.create_dataset("config.json", at::kByte, {static_cast<std::int64_t>(config.json_text.size())});
+  const bool rank0 = comm.rank() == 0;
+  f.put_text("report.json", broadcast_string(comm, report_json), rank0);
+  f.put_text("config.json", config.json_text, rank0);
   const auto shapes = linear_shapes(config);
   for (std::int64_t l = 0; l < config.num_layers; ++l)
     for (int i = 0; i < kNumLinears; ++i) {
       f.create_dataset(plan_group(l, i) + "row_bits", at::kByte, {shapes[i].first});
       f.create_dataset(plan_group(l, i) + "row_leader", at::kLong, {shapes[i].first});
     }
-  if (comm.rank() == 0) {
-    f.write("report.json", text_bytes(report_json));
-    f.write("config.json", text_bytes(config.json_text));
-  }
   for (const auto& lp : plan.linears) {
     f.write(plan_group(lp.layer, lp.linear) + "row_bits", lp.row_bits);
     f.write(plan_group(lp.layer, lp.linear) + "row_leader", lp.row_leader);

@@ -75,12 +75,25 @@ void AtomicFile::commit() {
     ::unlink(tmp_path_.c_str());
     CSAQ_FAIL("output '", path_, "' already exists; pass --overwrite to replace it");
   }
-  if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
-    int err = errno;
+  try {
+    durable_rename(tmp_path_, path_, /*sync=*/false);  // synced through fd_ above
+  } catch (const Error&) {
     ::unlink(tmp_path_.c_str());
-    CSAQ_FAIL("cannot rename '", tmp_path_, "' to '", path_, "': ", errno_str(err));
+    throw;
   }
-  fsync_dir_of(path_);
+}
+
+void durable_rename(const std::string& from, const std::string& to, bool sync) {
+  if (sync) {
+    const int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+    CSAQ_CHECK(fd >= 0, "cannot open '", from, "' to sync it: ", errno_str(errno));
+    const int rc = ::fsync(fd);
+    const int err = errno;
+    ::close(fd);
+    CSAQ_CHECK(rc == 0, "cannot sync '", from, "': ", errno_str(err));
+  }
+  CSAQ_CHECK(::rename(from.c_str(), to.c_str()) == 0, "cannot rename '", from, "' to '", to, "': ", errno_str(errno));
+  fsync_dir_of(to);
 }
 
 void write_file_atomic(const std::string& path, const std::string& text, bool overwrite) {

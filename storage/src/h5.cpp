@@ -244,10 +244,12 @@ std::vector<std::string> H5File::list(const std::string& group) const {
   return names;
 }
 
-void H5File::put_text(const std::string& name, const std::string& text) {
+void H5File::put_text(const std::string& name, const std::string& text, bool write_it) {
+  create_dataset(name, at::kByte, {static_cast<std::int64_t>(text.size())});
+  if (!write_it) return;
   at::Tensor bytes = at::empty({static_cast<std::int64_t>(text.size())}, at::kByte);
   std::copy(text.begin(), text.end(), reinterpret_cast<char*>(bytes.data_ptr()));
-  put(name, bytes);
+  write(name, bytes);
 }
 
 std::string H5File::read_text(const std::string& name) const {

@@ -649,8 +649,11 @@ std::string Tokenizer::decode(const std::vector<std::int64_t>& ids, bool skip_sp
           s.erase(s.size() - c.size());
       }
     } else if (d.type == "ByteLevel") {
-      std::unordered_map<std::string, char> back;
-      for (int b = 0; b < 256; ++b) back[byte_chars()[b]] = static_cast<char>(b);
+      static const std::unordered_map<std::string, char> back = [] {
+        std::unordered_map<std::string, char> m;
+        for (int b = 0; b < 256; ++b) m[byte_chars()[b]] = static_cast<char>(b);
+        return m;
+      }();
       std::string all;
       for (const auto& s : tokens) all += s;
       std::string bytes;

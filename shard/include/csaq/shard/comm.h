@@ -39,6 +39,9 @@ class Communicator {
   virtual void barrier() = 0;
 };
 
+// Rank `root`'s `text` on every rank (collective).
+std::string broadcast_string(Communicator& comm, const std::string& text, int root = 0);
+
 // World size 1: collectives are identities, send/recv have no peer and throw.
 class LocalCommunicator final : public Communicator {
  public:

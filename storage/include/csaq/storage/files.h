@@ -32,6 +32,11 @@ class AtomicFile {
   bool overwrite_;
 };
 
+// Puts a finished file in place so that it survives a crash: fsyncs `from` (unless `sync` is
+// false because the caller already did), renames it to `to`, fsyncs the directory. Errors
+// name both paths.
+void durable_rename(const std::string& from, const std::string& to, bool sync = true);
+
 // Writes `text` to `path` through an AtomicFile.
 void write_file_atomic(const std::string& path, const std::string& text, bool overwrite);
 

@@ -39,7 +39,8 @@ class H5File {
   // Names directly under a group ("" is the root), sorted.
   std::vector<std::string> list(const std::string& group) const;
   // Text stored as a 1-D uint8 dataset of UTF-8 bytes (easy to read from any language).
-  void put_text(const std::string& name, const std::string& text);
+  // Creates the dataset (collective: same text on every rank) and writes it when `write`.
+  void put_text(const std::string& name, const std::string& text, bool write = true);
   std::string read_text(const std::string& name) const;
   void close();
 
