@@ -1,6 +1,7 @@
 #!/bin/bash
-# Starts (or stops) a one-node SLURM cluster on loopback for tests: munged, slurmctld and
-# slurmd as root with a private configuration under $1 (default /tmp/csaq-slurm).
+# Starts (or stops) a one-node SLURM cluster on loopback for tests: its own munged, slurmctld
+# and slurmd as root, with every file (munge key and socket, slurm.conf, state, logs, pids)
+# under $1 (default /tmp/csaq-slurm), so it neither needs nor disturbs a system munged.
 #   slurm/local-cluster.sh start [DIR]   -> prints "export SLURM_CONF=DIR/slurm.conf"
 #   slurm/local-cluster.sh stop [DIR]
 # Needs Debian's slurmctld, slurmd, slurm-client and munge (scripts/install-deps.sh installs them).
@@ -9,12 +10,21 @@ action=${1:?start or stop}
 dir=${2:-/tmp/csaq-slurm}
 host=$(hostname -s)
 
+# Kills the daemons this script started in $dir (and only those), then waits for them to go.
 stop() {
-  for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
-    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  local pids=() pidfile pid
+  for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munged.pid"; do
+    [ -s "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null && pids+=("$pid")
+    rm -f "$pidfile"
   done
-  [ -f "$dir/munged.started" ] && pkill -x munged 2>/dev/null && rm -f "$dir/munged.started"
-  sleep 1
+  for _ in $(seq 50); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && return 0
+    sleep 0.1
+  done
 }
 
 if [ "$action" = stop ]; then
@@ -22,13 +32,19 @@ if [ "$action" = stop ]; then
   exit 0
 fi
 
-mkdir -p "$dir/state" "$dir/spool" /run/munge
-if ! pgrep -x munged > /dev/null; then
-  [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null
-  chmod 0400 /etc/munge/munge.key
-  munged --force
-  touch "$dir/munged.started"
-fi
+mkdir -p "$dir/state" "$dir/spool"
+chmod 0700 "$dir"
+stop
+[ -s "$dir/munge.key" ] || dd if=/dev/urandom of="$dir/munge.key" bs=1024 count=1 2>/dev/null
+chmod 0400 "$dir/munge.key"
+munged --force --socket="$dir/munge.socket" --key-file="$dir/munge.key" \
+  --log-file="$dir/munged.log" --pid-file="$dir/munged.pid" --seed-file="$dir/munged.seed" 2>> "$dir/munged.err" ||
+  { echo "local-cluster: munged did not start; see $dir/munged.log and $dir/munged.err" >&2; exit 1; }
+for _ in $(seq 50); do
+  [ -S "$dir/munge.socket" ] && break
+  sleep 0.1
+done
+[ -S "$dir/munge.socket" ] || { echo "local-cluster: munged made no socket; see $dir/munged.log" >&2; exit 1; }
 cpus=$(nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 cat > "$dir/slurm.conf" <<CONF
@@ -37,6 +53,8 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket=$dir/munge.socket
+CredType=cred/munge
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -60,7 +78,6 @@ NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 export SLURM_CONF=$dir/slurm.conf
-stop
 slurmctld -c -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
 for _ in $(seq 60); do
