@@ -43,28 +43,93 @@ TEST(Profiler, SalienceOfOneBatchMatchesTransformersForEveryFixture) {
   }
 }
 
-TEST(Profiler, ActivationSalienceIsWeightTimesMeanAbsoluteInput) {
-  const ModelConfig c = ModelConfig::parse(
-      R"({"model_type":"llama","vocab_size":50,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,
-          "num_attention_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0})", "test config");
-  auto weights = random_model_weights(c, 5);
-  std::map<std::string, at::Tensor> map(weights.begin(), weights.end());
-  ModelShard model(c, 0, 1, map_source(map, "'mem'"));
-  LocalCommunicator comm;
-  TokenSequences data(at::randint(50, {3 * 8}, at::kLong), 8, -1, "random");
-  Profiler profiler(model, comm, ProfilerOptions{});
+// A two-layer random Llama calibrated on three random sequences.
+class ToyCalibration : public ::testing::Test {
+ protected:
+  ToyCalibration()
+      : config_(ModelConfig::parse(
+            R"({"model_type":"llama","vocab_size":50,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,
+                "num_attention_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0})", "test config")),
+        weights_(as_map(random_model_weights(config_, 5))),
+        model_(config_, 0, 1, map_source(weights_, "'mem'")),
+        profiler_(model_, comm_, ProfilerOptions{}) {}
+
+  // Calibrates, also handing every Linear input to `extra`.
+  void calibrate(const LinearObserver& extra = {}) {
+    LinearObserver both = [&](std::int64_t l, int i, const at::Tensor& x, const at::Tensor& y) {
+      profiler_.observer()(l, i, x, y);
+      if (extra) extra(l, i, x, y);
+    };
+    TokenSequences data(at::randint(50, {3 * 8}, at::kLong), 8, -1, "random");
+    Pipeline(model_, comm_, PipelineOptions{1, 1}).calibrate(data, profiler_.gradient_callback(), &both);
+  }
+
+  template <typename Pairs>
+  static std::map<std::string, at::Tensor> as_map(const Pairs& pairs) {
+    return std::map<std::string, at::Tensor>(pairs.begin(), pairs.end());
+  }
+
+  ModelConfig config_;
+  std::map<std::string, at::Tensor> weights_;
+  ModelShard model_;
+  LocalCommunicator comm_;
+  Profiler profiler_;
+};
+
+TEST_F(ToyCalibration, ActivationSalienceIsWeightTimesMeanAbsoluteInput) {
   std::map<std::pair<std::int64_t, int>, at::Tensor> inputs;  // independent record of every Linear input
-  LinearObserver both = [&](std::int64_t l, int i, const at::Tensor& x, const at::Tensor& y) {
-    profiler.observer()(l, i, x, y);
+  calibrate([&](std::int64_t l, int i, const at::Tensor& x, const at::Tensor&) {
     at::Tensor flat = x.detach().reshape({-1, x.size(-1)}).clone();
     auto& all = inputs[{l, i}];
     all = all.defined() ? at::cat({all, flat}) : flat;
-  };
-  Pipeline(model, comm, PipelineOptions{1, 1}).calibrate(data, profiler.gradient_callback(), &both);
+  });
   for (const auto& [key, x] : inputs) {
-    const at::Tensor expected = profiler.weights(key.first, key.second).weight.detach().abs() * x.abs().mean(0);
-    EXPECT_LT(test::rel_error(profiler.salience(key.first, key.second, SalienceKind::kActivation), expected), 1e-5);
+    const at::Tensor expected = profiler_.weights(key.first, key.second).weight.detach().abs() * x.abs().mean(0);
+    EXPECT_LT(test::rel_error(profiler_.salience(key.first, key.second, SalienceKind::kActivation), expected), 1e-5);
   }
+}
+
+const SalienceKind kAllKinds[] = {SalienceKind::kCausal, SalienceKind::kFisher, SalienceKind::kActivation,
+                                  SalienceKind::kMagnitude};
+
+TEST_F(ToyCalibration, RowBlocksAndSampledValuesEqualTheFullSalience) {
+  calibrate();
+  for (SalienceKind kind : kAllKinds)
+    for (const auto& s : profiler_.stats()) {
+      SCOPED_TRACE(std::string(salience_kind_name(kind)) + " " + hf_linear_name(s.layer, s.linear));
+      const at::Tensor full = profiler_.salience(s.layer, s.linear, kind);
+      EXPECT_TRUE(at::equal(profiler_.salience_rows(s.layer, s.linear, kind, 3, 7), full.slice(0, 3, 7)));
+      const at::Tensor flat = at::randint(full.numel(), {40}, at::kLong);
+      EXPECT_TRUE(at::equal(profiler_.salience_at(s.layer, s.linear, kind, flat), full.reshape({-1}).index_select(0, flat)));
+    }
+}
+
+// Brute force: the top `fraction` of all values are those strictly above the value ranked
+// floor(fraction * n) + 1 (so ties never overfill it).
+at::Tensor brute_force_top(const Profiler& p, SalienceKind kind, double fraction) {
+  std::vector<at::Tensor> parts;
+  for (const auto& s : p.stats()) parts.push_back(p.salience(s.layer, s.linear, kind).reshape({-1}));
+  const at::Tensor all = at::cat(parts);
+  const auto m = static_cast<std::int64_t>(std::floor(fraction * static_cast<double>(all.numel())));
+  return all > std::get<0>(all.sort(0, /*descending=*/true))[m];
+}
+
+TEST_F(ToyCalibration, TopFractionAgreementEqualsBruteForceInAnyBlockSize) {
+  calibrate();
+  const std::pair<SalienceKind, SalienceKind> pairs[] = {{SalienceKind::kCausal, SalienceKind::kActivation},
+                                                         {SalienceKind::kFisher, SalienceKind::kMagnitude}};
+  for (const auto& [a, b] : pairs)
+    for (double fraction : {0.05, 0.3, 0.77}) {
+      const at::Tensor top_a = brute_force_top(profiler_, a, fraction), top_b = brute_force_top(profiler_, b, fraction);
+      ASSERT_GT(top_a.sum().item<std::int64_t>(), 0);
+      const double expected = double(at::logical_and(top_a, top_b).sum().item<std::int64_t>()) /
+                              double(top_a.sum().item<std::int64_t>());
+      for (std::int64_t chunk : {std::int64_t{1} << 24, std::int64_t{50}, std::int64_t{1}})
+        EXPECT_EQ(top_fraction_agreement(profiler_, a, b, fraction, comm_, chunk), expected)
+            << salience_kind_name(a) << " vs " << salience_kind_name(b) << " top " << fraction << " chunk " << chunk;
+    }
+  // Ties: magnitude against itself agrees fully.
+  EXPECT_EQ(top_fraction_agreement(profiler_, SalienceKind::kMagnitude, SalienceKind::kMagnitude, 0.05, comm_), 1.0);
 }
 
 TEST(CoActivation, CountsAndJaccardEqualBruteForce) {

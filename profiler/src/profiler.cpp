@@ -76,16 +76,40 @@ GradientCallback Profiler::gradient_callback() {
 }
 
 at::Tensor Profiler::salience(std::int64_t layer, int linear, SalienceKind kind) const {
+  return salience_rows(layer, linear, kind, 0, weights(layer, linear).weight.size(0));
+}
+
+namespace {
+// Mean |x| per input channel, float32, from the observer's float64 sums.
+at::Tensor mean_abs_input(const LinearStats& s) {
+  return (s.input_abs_sum / std::max<std::int64_t>(1, s.tokens)).to(at::kFloat);
+}
+}  // namespace
+
+at::Tensor Profiler::salience_rows(std::int64_t layer, int linear, SalienceKind kind, std::int64_t begin,
+                                   std::int64_t end) const {
   const LinearStats& s = stats(layer, linear);
-  const at::Tensor w = weights(layer, linear).weight.detach().to(at::kFloat);
+  auto w = [&] { return weights(layer, linear).weight.detach().slice(0, begin, end).to(at::kFloat); };
   switch (kind) {
-    case SalienceKind::kCausal: return s.causal;
-    case SalienceKind::kFisher: return s.fisher;
+    case SalienceKind::kCausal: return s.causal.slice(0, begin, end);
+    case SalienceKind::kFisher: return s.fisher.slice(0, begin, end);
+    case SalienceKind::kActivation: return w().abs() * mean_abs_input(s).unsqueeze(0);
+    case SalienceKind::kMagnitude: return w().abs();
+  }
+  return {};
+}
+
+at::Tensor Profiler::salience_at(std::int64_t layer, int linear, SalienceKind kind, const at::Tensor& flat) const {
+  const LinearStats& s = stats(layer, linear);
+  auto w = [&] { return weights(layer, linear).weight.detach().reshape({-1}).index_select(0, flat).to(at::kFloat); };
+  switch (kind) {
+    case SalienceKind::kCausal: return s.causal.reshape({-1}).index_select(0, flat);
+    case SalienceKind::kFisher: return s.fisher.reshape({-1}).index_select(0, flat);
     case SalienceKind::kActivation: {
-      const at::Tensor mean = (s.input_abs_sum / std::max<std::int64_t>(1, s.tokens)).to(at::kFloat);
-      return w.abs() * mean.unsqueeze(0);
+      const std::int64_t in = s.input_abs_sum.size(0);
+      return w().abs() * mean_abs_input(s).index_select(0, flat.remainder(in));
     }
-    case SalienceKind::kMagnitude: return w.abs();
+    case SalienceKind::kMagnitude: return w().abs();
   }
   return {};
 }
@@ -101,7 +125,7 @@ at::Tensor Profiler::global_sample(SalienceKind kind) const {
     const LinearStats& s = stats_[k];
     const std::int64_t slot = s.layer * kNumLinears + s.linear;
     all.slice(0, slot * m, (slot + 1) * m)
-        .copy_(salience(s.layer, s.linear, kind).reshape({-1}).index_select(0, sample_index_[k]));
+        .copy_(salience_at(s.layer, s.linear, kind, sample_index_[k]));
   }
   comm_.all_reduce(all, ReduceOp::kSum);  // each slot is non-zero on exactly one rank
   return all;
@@ -225,6 +249,22 @@ double spearman(const at::Tensor& a, const at::Tensor& b) {
 namespace csaq {
 namespace {
 
+// Calls fn(layer, linear, begin, end) for blocks of at most `chunk` weights (whole rows) of
+// every Linear on this rank, so no pass holds more than one block's temporaries.
+template <typename Fn>
+void for_each_row_block(const Profiler& p, std::int64_t chunk, Fn fn) {
+  for (const auto& s : p.stats()) {
+    const at::Tensor& w = p.weights(s.layer, s.linear).weight;
+    const std::int64_t out = w.size(0), rows = std::max<std::int64_t>(1, chunk / std::max<std::int64_t>(1, w.size(1)));
+    for (std::int64_t r = 0; r < out; r += rows) fn(s.layer, s.linear, r, std::min(out, r + rows));
+  }
+}
+
+// Bit patterns of non-negative float32 values (sign bit cleared) order like the values.
+at::Tensor float_bits(const at::Tensor& v) {
+  return at::bitwise_and(v.contiguous().view(at::kInt).reshape({-1}), 0x7FFFFFFF);
+}
+
 float float_of_bits(std::int64_t bits) {
   const auto u = static_cast<std::uint32_t>(bits);
   float f;
@@ -232,49 +272,48 @@ float float_of_bits(std::int64_t bits) {
   return f;
 }
 
-// The smallest float32 t such that at most `fraction` of all (non-negative float32) values
-// are >= t. Bisects the bit patterns, which order like non-negative floats: exact, and at
-// most 32 passes over the values.
-float global_top_threshold(const std::vector<at::Tensor>& values, double fraction, Communicator& comm) {
-  at::Tensor count = at::zeros({1}, at::kLong), top = at::zeros({1}, at::kFloat);
-  for (const auto& v : values) {
-    count += v.numel();
-    top = at::maximum(top, v.max().reshape({1}).to(at::kFloat));
-  }
-  comm.all_reduce(count, ReduceOp::kSum);
-  comm.all_reduce(top, ReduceOp::kMax);
-  const double wanted = fraction * static_cast<double>(count.item<std::int64_t>());
-  const float max = top.item<float>();
-  std::uint32_t max_bits;
-  std::memcpy(&max_bits, &max, sizeof(max_bits));
-  // Invariant: more than `wanted` values are >= float_of_bits(lo), at most `wanted` >= hi's.
-  std::int64_t lo = 0, hi = static_cast<std::int64_t>(max_bits) + 1;
-  while (hi - lo > 1) {
-    const std::int64_t mid = lo + (hi - lo) / 2;
-    at::Tensor above = at::zeros({1}, at::kLong);
-    for (const auto& v : values) above += (v >= float_of_bits(mid)).sum();
-    comm.all_reduce(above, ReduceOp::kSum);
-    (static_cast<double>(above.item<std::int64_t>()) > wanted ? lo : hi) = mid;
-  }
-  return float_of_bits(hi);
+// The smallest float32 t such that at most `fraction` of all salience values of `kind` (all
+// ranks) are >= t. Exact radix selection on the bit patterns in two passes: an all-reduced
+// histogram of the high 16 bits finds the bin the cut falls in, a second one of the low 16
+// bits inside that bin finds the cut.
+float global_top_threshold(const Profiler& p, SalienceKind kind, double fraction, std::int64_t chunk,
+                           Communicator& comm) {
+  at::Tensor high = at::zeros({1 << 15}, at::kLong);
+  for_each_row_block(p, chunk, [&](std::int64_t l, int i, std::int64_t b, std::int64_t e) {
+    high += at::bincount(at::bitwise_right_shift(float_bits(p.salience_rows(l, i, kind, b, e)), 16), {}, 1 << 15);
+  });
+  comm.all_reduce(high, ReduceOp::kSum);
+  // above[h] = values in bins >= h.
+  const at::Tensor above = high.flip(0).cumsum(0).flip(0);
+  const double wanted = fraction * static_cast<double>(above[0].item<std::int64_t>());
+  const at::Tensor over = (above.to(at::kDouble) > wanted).nonzero();
+  if (over.numel() == 0) return 0.0f;  // every value is within the fraction
+  const std::int64_t bin = over.max().item<std::int64_t>();
+  const std::int64_t above_bin = bin + 1 < (1 << 15) ? above[bin + 1].item<std::int64_t>() : 0;
+  at::Tensor low = at::zeros({1 << 16}, at::kLong);
+  for_each_row_block(p, chunk, [&](std::int64_t l, int i, std::int64_t b, std::int64_t e) {
+    const at::Tensor bits = float_bits(p.salience_rows(l, i, kind, b, e));
+    low += at::bincount(at::bitwise_and(bits.masked_select(at::bitwise_right_shift(bits, 16) == bin), 0xFFFF), {},
+                        1 << 16);
+  });
+  comm.all_reduce(low, ReduceOp::kSum);
+  const at::Tensor at_or_above = low.flip(0).cumsum(0).flip(0) + above_bin;
+  const std::int64_t last = (at_or_above.to(at::kDouble) > wanted).nonzero().max().item<std::int64_t>();
+  return float_of_bits((bin << 16 | last) + 1);
 }
 
 }  // namespace
 
 double top_fraction_agreement(const Profiler& profiler, SalienceKind a, SalienceKind b, double fraction,
-                              Communicator& comm) {
-  std::vector<at::Tensor> va, vb;
-  for (const auto& s : profiler.stats()) {
-    va.push_back(profiler.salience(s.layer, s.linear, a));
-    vb.push_back(profiler.salience(s.layer, s.linear, b));
-  }
-  const float ta = global_top_threshold(va, fraction, comm), tb = global_top_threshold(vb, fraction, comm);
+                              Communicator& comm, std::int64_t chunk) {
+  const float ta = global_top_threshold(profiler, a, fraction, chunk, comm);
+  const float tb = global_top_threshold(profiler, b, fraction, chunk, comm);
   at::Tensor counts = at::zeros({2}, at::kLong);
-  for (std::size_t i = 0; i < va.size(); ++i) {
-    const at::Tensor top_a = va[i] >= ta;
+  for_each_row_block(profiler, chunk, [&](std::int64_t l, int i, std::int64_t begin, std::int64_t end) {
+    const at::Tensor top_a = profiler.salience_rows(l, i, a, begin, end) >= ta;
     counts[0] += top_a.sum();
-    counts[1] += at::logical_and(top_a, vb[i] >= tb).sum();
-  }
+    counts[1] += at::logical_and(top_a, profiler.salience_rows(l, i, b, begin, end) >= tb).sum();
+  });
   comm.all_reduce(counts, ReduceOp::kSum);
   return counts[0].item<std::int64_t>() ? double(counts[1].item<std::int64_t>()) / double(counts[0].item<std::int64_t>()) : 0.0;
 }

@@ -77,6 +77,11 @@ class Profiler {
   const Linear& weights(std::int64_t layer, int linear) const;
   // [out, in] float32 salience of `kind` for one Linear.
   at::Tensor salience(std::int64_t layer, int linear, SalienceKind kind) const;
+  // Rows [begin, end) of it (causal and fisher: a view of the accumulator, no copy).
+  at::Tensor salience_rows(std::int64_t layer, int linear, SalienceKind kind, std::int64_t begin,
+                           std::int64_t end) const;
+  // Its values at flat indices `flat` (int64 into [out*in]), computed only there.
+  at::Tensor salience_at(std::int64_t layer, int linear, SalienceKind kind, const at::Tensor& flat) const;
   // Cliques of one Linear (see find_cliques), leaders ranked by the options' salience.
   at::Tensor row_leaders(std::int64_t layer, int linear, double clique_threshold) const;
 
@@ -106,10 +111,12 @@ class Profiler {
 };
 
 // Collective: the fraction of the top `fraction` of all decoder weights by salience `a`
-// that are also in the top `fraction` by salience `b` (global thresholds by bisection on
-// all-reduced counts, so every world size agrees).
+// that are also in the top `fraction` by salience `b` ("top": strictly above the value ranked
+// just past the fraction, so ties never overfill it). Thresholds are exact, from all-reduced
+// histograms, so every world size agrees; salience is visited in blocks of at most `chunk`
+// weights, so memory beyond the accumulators stays one block's.
 double top_fraction_agreement(const Profiler& profiler, SalienceKind a, SalienceKind b, double fraction,
-                              Communicator& comm);
+                              Communicator& comm, std::int64_t chunk = std::int64_t{1} << 24);
 
 // Spearman rank correlation of two equally long 1-D tensors (ties ranked by index).
 double spearman(const at::Tensor& a, const at::Tensor& b);
