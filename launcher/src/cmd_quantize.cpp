@@ -154,7 +154,8 @@ json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArg
       calibration_fingerprint(model_dir, data, a.fingerprint_options()), comm);
   const ResumePoint start = checkpoints->resume(a.resume, profiler);
   Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight});
-  ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0);
+  ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0, 1.0,
+                         start.micro_batch);
   const LossTotals totals =
       profiler.stopped_early()
           ? start.totals
@@ -163,6 +164,13 @@ json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArg
                                checkpoints->round_callback(profiler), start);
   json checks = json::array();
   for (const auto& c : profiler.early_stop_checks()) checks.push_back({{"sequences", c.sequences}, {"rho", c.rho}});
+  if (comm.rank() == 0) {
+    const auto& last = profiler.early_stop_checks();
+    std::fprintf(stderr, "[profile] %s %lld of %lld sequences", profiler.stopped_early() ? "stopped early after" : "used",
+                 static_cast<long long>(totals.sequences), static_cast<long long>(data.size()));
+    if (!last.empty()) std::fprintf(stderr, "; salience rank correlation %.4f (stop at %.4f)", last.back().rho, a.rho);
+    std::fprintf(stderr, "\n");
+  }
   return {{"salience", a.salience},
           {"early_stop", {{"sequences_used", totals.sequences},
                           {"sequences_available", data.size()},
