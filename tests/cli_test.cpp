@@ -9,6 +9,7 @@
 
 #include "csaq/packer/checkpoint.h"
 #include "csaq/shard/model.h"
+#include "csaq/storage/files.h"
 #include "csaq/storage/safetensors.h"
 #include "cli_support.h"
 #include "support.h"
@@ -214,11 +215,28 @@ TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
   auto reader = storage::SafetensorsReader::open(dir / "hf");
   EXPECT_EQ(reader.names().size(), ckpt.tensor_names().size());
   for (const auto& name : ckpt.tensor_names()) EXPECT_TRUE(at::equal(reader.load(name), ckpt.tensor(name))) << name;
+  // A complete model directory: the tokenizer files travel, the dtype is the source's.
+  for (const char* file : {"tokenizer.json", "tokenizer_config.json"})
+    EXPECT_EQ(storage::read_text_file(dir / ("hf/" + std::string(file))),
+              storage::read_text_file(dir / ("demo/" + std::string(file)))) << file;
+  EXPECT_EQ(read_json(dir / "hf/config.json")["torch_dtype"], read_json(dir / "demo/config.json")["torch_dtype"]);
+  // Text data needs the exported directory's own tokenizer.
+  const std::string text = " --data " + (dir / "demo/heldout.txt") + " --seq-len 64";
   const Result a = run(csaq() + " eval --quantized " + (dir / "q.h5") + data);
   const Result b = run(mpirun(2) + " eval --model " + (dir / "hf") + data);
-  ASSERT_EQ(a.rc, 0) << a.output;
-  ASSERT_EQ(b.rc, 0) << b.output;
+  const Result at = run(csaq() + " eval --quantized " + (dir / "q.h5") + text);
+  const Result bt = run(csaq() + " eval --model " + (dir / "hf") + text);
+  for (const Result* x : {&a, &b, &at, &bt}) ASSERT_EQ(x->rc, 0) << x->output;
   EXPECT_EQ(perplexity_of(a), perplexity_of(b));
+  EXPECT_EQ(perplexity_of(at), perplexity_of(bt));
+  // Another dtype on request, said in config.json; an existing export is kept.
+  r = run(csaq() + " export --quantized " + (dir / "q.h5") + " --out " + (dir / "hf") + " --dtype bfloat16");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.output.find("--overwrite"), std::string::npos) << r.output;
+  r = run(csaq() + " export --quantized " + (dir / "q.h5") + " --out " + (dir / "hf16") + " --dtype bfloat16");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(dir / "hf16/config.json")["torch_dtype"], "bfloat16");
+  EXPECT_EQ(storage::SafetensorsReader::open(dir / "hf16").load("model.norm.weight").scalar_type(), at::kBFloat16);
   r = run(csaq() + " inspect " + (dir / "q.h5"));
   ASSERT_EQ(r.rc, 0) << r.output;
   EXPECT_NE(r.output.find("model: llama, 3 layers"), std::string::npos) << r.output;

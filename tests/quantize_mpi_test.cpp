@@ -113,9 +113,10 @@ TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {
   }
 
   const std::string dir = shared_temp_dir(w);
-  write_checkpoint(dir + "/dist.h5", dist_model, dist.plan, 32, "{}", at::kFloat, w, false);
+  const std::vector<ModelFile> files{{"tokenizer.json", R"({"model": {"type": "BPE"}})"}, {"merges.txt", ""}};
+  write_checkpoint(dir + "/dist.h5", dist_model, dist.plan, 32, "{}", at::kFloat, files, w, false);
   if (w.rank() == 0) {
-    write_checkpoint(dir + "/single.h5", whole, single.plan, 32, "{}", at::kFloat, local, false);
+    write_checkpoint(dir + "/single.h5", whole, single.plan, 32, "{}", at::kFloat, files, local, false);
     const storage::H5File a = storage::H5File::open_read(dir + "/dist.h5");
     const storage::H5File b = storage::H5File::open_read(dir + "/single.h5");
     int compared = 0;
@@ -128,6 +129,12 @@ TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {
       EXPECT_TRUE(at::equal(ckpt.tensor(hf_linear_name(lp.layer, lp.linear)),
                             unpack_linear(pack_linear(w_lp, lp.row_bits, lp.row_leader, 32))));
     }
+    const auto kept = ckpt.model_files();
+    ASSERT_EQ(kept.size(), 2u);
+    EXPECT_EQ(kept[0].name, "merges.txt");
+    EXPECT_EQ(kept[0].bytes, "");
+    EXPECT_EQ(kept[1].name, "tokenizer.json");
+    EXPECT_EQ(kept[1].bytes, files[0].bytes);
     std::filesystem::remove_all(dir);
   }
   w.barrier();
@@ -143,7 +150,7 @@ TEST(MpiQuantize, ExistingOutputIsRefusedOnEveryRank) {
   if (w.rank() == 0) std::ofstream(dir + "/out.h5") << "precious";
   w.barrier();
   Plan empty;
-  EXPECT_CSAQ_ERROR(write_checkpoint(dir + "/out.h5", model, empty, 32, "{}", at::kFloat, w, false), "already exists",
+  EXPECT_CSAQ_ERROR(write_checkpoint(dir + "/out.h5", model, empty, 32, "{}", at::kFloat, {}, w, false), "already exists",
                     "--overwrite");
   w.barrier();
   if (w.rank() == 0) {

@@ -280,11 +280,11 @@ TEST(Data, JsonlDocumentsAreTokenizedAndJoinedWithEos) {
   expected.push_back(2);  // <|end_story|>
   const auto second = tok.encode("The end.");
   expected.insert(expected.end(), second.begin(), second.end());
-  EXPECT_TRUE(at::equal(load_token_stream(dir / "docs.jsonl", model_dir), at::tensor(expected, at::kLong)));
+  EXPECT_TRUE(at::equal(load_token_stream(dir / "docs.jsonl", tokenizer_in(model_dir)), at::tensor(expected, at::kLong)));
   std::ofstream(dir / "bad.jsonl") << R"({"text": "fine"})" << "\n" << R"({"txt": "no"})" << "\n";
-  EXPECT_CSAQ_ERROR(load_token_stream(dir / "bad.jsonl", model_dir), "bad.jsonl' line 2", "\"text\"");
-  EXPECT_CSAQ_ERROR(load_token_stream(dir / "x.csv", model_dir), "x.csv", "expected .npy token ids, .txt or .jsonl");
-  EXPECT_CSAQ_ERROR(load_token_stream(dir / "docs.jsonl", ""), "needs the model's tokenizer");
+  EXPECT_CSAQ_ERROR(load_token_stream(dir / "bad.jsonl", tokenizer_in(model_dir)), "bad.jsonl' line 2", "\"text\"");
+  EXPECT_CSAQ_ERROR(load_token_stream(dir / "x.csv", tokenizer_in(model_dir)), "x.csv", "expected .npy token ids, .txt or .jsonl");
+  EXPECT_CSAQ_ERROR(load_token_stream(dir / "docs.jsonl", tokenizer_in("")), "needs the model's tokenizer");
 }
 
 TEST(Pipeline, MicroBatchSizeAndInFlightDoNotChangeGradients) {

@@ -14,27 +14,29 @@ namespace csaq::cli {
 namespace po = boost::program_options;
 
 int run_export(const std::vector<std::string>& args, Communicator& comm) {
-  std::string ckpt_path, out, dtype = "float32";
+  std::string ckpt_path, out, dtype = "auto";
   double shard_gb = 5.0;
   po::options_description options("csaq export options");
   options.add_options()
       ("quantized", po::value(&ckpt_path)->required(), "csaq checkpoint (HDF5)")
       ("out", po::value(&out)->required(), "directory for config.json + safetensors")
       ("format", po::value<std::string>()->default_value("safetensors"), "output format (safetensors)")
-      ("dtype", po::value(&dtype)->default_value(dtype), "float32 | float16 | bfloat16")
+      ("dtype", po::value(&dtype)->default_value(dtype), "auto (the source model's) | float32 | float16 | bfloat16")
       ("max-shard-gb", po::value(&shard_gb)->default_value(shard_gb), "largest safetensors file before sharding")
       ("overwrite", "replace existing files in --out");
   po::variables_map vm;
   if (!parse_options("export", options, args, vm, comm)) return 0;
   if (vm["format"].as<std::string>() != "safetensors") throw UsageError{"--format must be safetensors"};
-  const at::ScalarType type = dtype == "float32" ? at::kFloat : dtype == "float16" ? at::kHalf
-                              : dtype == "bfloat16" ? at::kBFloat16 : at::ScalarType::Undefined;
-  if (type == at::ScalarType::Undefined) throw UsageError{"--dtype must be float32, float16 or bfloat16"};
+  const at::ScalarType named = dtype == "float32" ? at::kFloat : dtype == "float16" ? at::kHalf
+                               : dtype == "bfloat16" ? at::kBFloat16 : at::ScalarType::Undefined;
+  if (named == at::ScalarType::Undefined && dtype != "auto")
+    throw UsageError{"--dtype must be auto, float32, float16 or bfloat16"};
   if (comm.rank() != 0) return 0;  // one writer
   QuantizedCheckpoint ckpt(ckpt_path);
+  const at::ScalarType type = dtype == "auto" ? checkpoint_dtype(ckpt.config()) : named;
   const auto files = export_checkpoint(ckpt, out, type, static_cast<std::uint64_t>(shard_gb * 1e9),
                                        vm.count("overwrite") > 0);
-  std::printf("wrote %zu files to %s\n", files.size(), out.c_str());
+  std::printf("wrote %zu files to %s (%s)\n", files.size(), out.c_str(), dtype_name(type));
   return 0;
 }
 

@@ -24,7 +24,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
       ("model", po::value(&model_dir), "Hugging Face model directory (config.json + safetensors)")
       ("quantized", po::value(&quantized), "csaq checkpoint to evaluate instead of --model")
       ("data", po::value(&data_path)->required(), "text (.txt, .jsonl with a \"text\" field) or token ids (1-D .npy)")
-      ("tokenizer", po::value(&tokenizer), "directory with tokenizer.json or tokenizer.model (default: --model)")
+      ("tokenizer", po::value(&tokenizer), "directory with tokenizer.json or tokenizer.model (default: --model's, or the one --quantized keeps)")
       ("seq-len", po::value(&seq_len)->required(), "tokens per sequence (non-overlapping windows, remainder dropped)")
       ("max-sequences", po::value(&max_sequences), "evaluate at most this many sequences (default: all)")
       ("batch-size", po::value(&batch_size)->default_value(1), "sequences per micro-batch")
@@ -48,7 +48,10 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   const at::ScalarType type = compute_dtype(dtype, config);
   ModelShard model = ckpt ? ModelShard(config, comm.rank(), comm.size(), ckpt->source(), type)
                           : load_model_shard(model_dir, comm.rank(), comm.size(), type);
-  TokenSequences data = load_sequences(data_path, tokenizer.empty() ? model_dir : tokenizer, seq_len, max_sequences,
+  // Text is tokenized with --tokenizer, else the model's own (a checkpoint keeps it).
+  const TokenizerLoader tok = !tokenizer.empty() || !ckpt ? tokenizer_in(tokenizer.empty() ? model_dir : tokenizer)
+                                                          : TokenizerLoader([&] { return ckpt->tokenizer(); });
+  TokenSequences data = load_sequences(data_path, tok, seq_len, max_sequences,
                                        Sampling::kContiguous, 0);
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{batch_size, 1});

@@ -146,7 +146,7 @@ void check_outputs(bool overwrite, std::initializer_list<std::string> paths,
 json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArgs& a, const std::string& model_dir,
                    const std::string& out, Communicator& comm, std::unique_ptr<CalibrationCheckpointer>& checkpoints) {
   const auto t = Clock::now();
-  TokenSequences data = load_sequences(a.calib, a.tokenizer.empty() ? model_dir : a.tokenizer, a.seq_len, a.samples,
+  TokenSequences data = load_sequences(a.calib, tokenizer_in(a.tokenizer.empty() ? model_dir : a.tokenizer), a.seq_len, a.samples,
                                        parse_sampling(a.sampling), a.seed);
   data.check_vocabulary(model.config().vocab_size);
   checkpoints = std::make_unique<CalibrationCheckpointer>(
@@ -231,10 +231,12 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
   return plan;
 }
 
-void pack_stage(const std::string& out, const ModelShard& model, const Plan& plan, std::int64_t group_size,
-                json& report, const std::string& report_path, bool overwrite, Communicator& comm, Clock::time_point start) {
+void pack_stage(const std::string& out, const std::string& model_dir, const ModelShard& model, const Plan& plan,
+                std::int64_t group_size, json& report, const std::string& report_path, bool overwrite,
+                Communicator& comm, Clock::time_point start) {
   const auto t = Clock::now();
-  write_checkpoint(out, model, plan, group_size, report.dump(2), checkpoint_dtype(model.config()), comm, overwrite);
+  write_checkpoint(out, model, plan, group_size, report.dump(2), checkpoint_dtype(model.config()),
+                   read_model_files(model_dir, comm), comm, overwrite);
   report["time_s"]["pack"] = seconds_since(t);
   report["time_s"]["total"] = seconds_since(start);
   if (comm.rank() == 0) {
@@ -291,7 +293,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
     report.update(part);
   }
   const Plan plan = solve_stage(model, rtn ? nullptr : &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
-  pack_stage(out, model, plan, sopt.group_size, report, report_path, overwrite, comm, start);
+  pack_stage(out, model_dir, model, plan, sopt.group_size, report, report_path, overwrite, comm, start);
   if (checkpoints) checkpoints->remove_all();
   return 0;
 }
@@ -392,8 +394,8 @@ int run_pack(const std::vector<std::string>& args, Communicator& comm) {
   const Plan plan = load_plan(in, model.config(), model.layers().begin, model.layers().end);
   json report = json::parse(in.read_text("report.json"));
   report["world_size"] = comm.size();
-  pack_stage(out, model, plan, report["bits"]["group_size"].get<std::int64_t>(), report, report_path, overwrite, comm,
-             start);
+  pack_stage(out, model_dir, model, plan, report["bits"]["group_size"].get<std::int64_t>(), report, report_path,
+             overwrite, comm, start);
   return 0;
 }
 

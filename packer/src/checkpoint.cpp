@@ -159,8 +159,33 @@ at::Tensor unpack_linear(const PackedLinear& p) {
   return out;
 }
 
+const std::vector<std::string>& model_file_names() {
+  static const std::vector<std::string> names{
+      "tokenizer.json",      "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+      "added_tokens.json",   "vocab.json",            "merges.txt",              "chat_template.jinja",
+      "chat_template.json",  "generation_config.json"};
+  return names;
+}
+
+std::vector<ModelFile> read_model_files(const std::string& model_dir, Communicator& comm) {
+  std::string present;
+  if (comm.rank() == 0)
+    for (const auto& name : model_file_names())
+      if (fs::is_regular_file(fs::path(model_dir) / name)) present += name + "\n";
+  present = broadcast_string(comm, present);
+  std::vector<ModelFile> files;
+  for (std::size_t begin = 0, end; (end = present.find('\n', begin)) != std::string::npos; begin = end + 1) {
+    ModelFile f{present.substr(begin, end - begin), {}};
+    if (comm.rank() == 0) f.bytes = storage::read_text_file((fs::path(model_dir) / f.name).string());
+    f.bytes = broadcast_string(comm, f.bytes);
+    files.push_back(std::move(f));
+  }
+  return files;
+}
+
 void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, std::int64_t group_size,
-                      const std::string& report_json, at::ScalarType dense_dtype, Communicator& comm, bool overwrite) {
+                      const std::string& report_json, at::ScalarType dense_dtype,
+                      const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite) {
   const ModelConfig& c = model.config();
 
   std::map<std::int64_t, PackedLinear> packed;  // by layer * kNumLinears + linear
@@ -181,6 +206,7 @@ void write_checkpoint(const std::string& path, const ModelShard& model, const Pl
     f.put_text("format", kFormatName, rank0);
     f.put_text("config.json", c.json_text, rank0);
     f.put_text("report.json", report, rank0);
+    for (const auto& m : model_files) f.put_text("model_files/" + m.name, m.bytes, rank0);
     f.create_dataset("format_version", at::kLong, {1});
     const auto shapes = linear_shapes(c);
     for (std::int64_t l = 0; l < c.num_layers; ++l) {
@@ -273,19 +299,57 @@ std::vector<std::string> QuantizedCheckpoint::tensor_names() const {
   return names;
 }
 
+std::vector<ModelFile> QuantizedCheckpoint::model_files() const {
+  const H5File& f = impl_->file;
+  std::vector<ModelFile> files;
+  if (!f.exists("model_files")) return files;  // written before model files were kept
+  for (const auto& name : f.list("model_files")) files.push_back({name, f.read_text("model_files/" + name)});
+  return files;
+}
+
+storage::Tokenizer QuantizedCheckpoint::tokenizer() const {
+  std::string json, config;
+  for (const auto& m : model_files()) {
+    if (m.name == "tokenizer.json") json = m.bytes;
+    if (m.name == "tokenizer_config.json") config = m.bytes;
+  }
+  CSAQ_CHECK(!json.empty(), "checkpoint '", path_, "' keeps no tokenizer.json; pass the model's tokenizer (--tokenizer DIR)");
+  return storage::Tokenizer::from_json(json, config, path_ + ":model_files/tokenizer.json");
+}
+
 TensorSource QuantizedCheckpoint::source() const {
   return {[this](const std::string& name) { return tensor(name); },
           [this](const std::string&) { return "checkpoint '" + path_ + "'"; }};
 }
 
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: CSAQ_FAIL("cannot export in dtype ", c10::toString(dtype));
+  }
+}
+
 std::vector<std::string> export_checkpoint(const QuantizedCheckpoint& ckpt, const std::string& dir,
                                            at::ScalarType dtype, std::uint64_t max_shard_bytes, bool overwrite) {
+  // config.json says what the weights are: transformers-5 configs name it "dtype", older ones
+  // "torch_dtype".
+  nlohmann::ordered_json config = nlohmann::ordered_json::parse(ckpt.config().json_text);
+  config[config.contains("dtype") && !config.contains("torch_dtype") ? "dtype" : "torch_dtype"] = dtype_name(dtype);
+  const std::vector<ModelFile> model_files = ckpt.model_files();
   const std::string config_path = (fs::path(dir) / "config.json").string();
   storage::check_writable_target(config_path, overwrite);
+  for (const auto& m : model_files) storage::check_writable_target((fs::path(dir) / m.name).string(), overwrite);
   std::vector<storage::NamedTensor> tensors;
   for (const auto& name : ckpt.tensor_names()) tensors.emplace_back(name, ckpt.tensor(name).to(dtype).contiguous());
   std::vector<std::string> files = storage::write_safetensors_sharded(dir, tensors, max_shard_bytes, overwrite);
-  storage::write_file_atomic(config_path, ckpt.config().json_text, overwrite);
+  for (const auto& m : model_files) {
+    files.push_back((fs::path(dir) / m.name).string());
+    storage::write_file_atomic(files.back(), m.bytes, overwrite);
+  }
+  // Last: a directory with config.json is a complete model.
+  storage::write_file_atomic(config_path, config.dump(2) + "\n", overwrite);
   files.push_back(config_path);
   return files;
 }

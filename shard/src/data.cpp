@@ -58,7 +58,14 @@ void TokenSequences::check_vocabulary(std::int64_t vocab_size) const {
             " is outside the model's vocabulary [0, ", vocab_size, ")");
 }
 
-at::Tensor load_token_stream(const std::string& path, const std::string& tokenizer_dir) {
+TokenizerLoader tokenizer_in(const std::string& dir) {
+  return [dir] {
+    CSAQ_CHECK(!dir.empty(), "it needs the model's tokenizer (--tokenizer DIR)");
+    return storage::Tokenizer::load(dir);
+  };
+}
+
+at::Tensor load_token_stream(const std::string& path, const TokenizerLoader& tokenizer) {
   auto ends_with = [&](const char* ext) {
     const std::string e(ext);
     return path.size() >= e.size() && path.compare(path.size() - e.size(), e.size(), e) == 0;
@@ -66,8 +73,13 @@ at::Tensor load_token_stream(const std::string& path, const std::string& tokeniz
   if (ends_with(".npy")) return storage::read_npy_tokens(path);
   CSAQ_CHECK(ends_with(".txt") || ends_with(".jsonl"), "input '", path,
              "': unknown kind of file (expected .npy token ids, .txt or .jsonl text)");
-  CSAQ_CHECK(!tokenizer_dir.empty(), "input '", path, "' is text: it needs the model's tokenizer (--tokenizer DIR)");
-  const storage::Tokenizer tok = storage::Tokenizer::load(tokenizer_dir);
+  const storage::Tokenizer tok = [&] {
+    try {
+      return tokenizer();
+    } catch (const Error& e) {
+      CSAQ_FAIL("input '", path, "' is text: ", e.what());
+    }
+  }();
   std::vector<std::int64_t> ids;
   auto add_document = [&](const std::string& text) {
     if (!ids.empty() && tok.eos_id()) ids.push_back(*tok.eos_id());
@@ -102,9 +114,9 @@ Sampling parse_sampling(const std::string& name) {
   CSAQ_FAIL("unknown sampling '", name, "' (choose random or contiguous)");
 }
 
-TokenSequences load_sequences(const std::string& path, const std::string& tokenizer_dir, std::int64_t seq_len,
+TokenSequences load_sequences(const std::string& path, const TokenizerLoader& tokenizer, std::int64_t seq_len,
                               std::int64_t count, Sampling sampling, std::uint64_t seed) {
-  const at::Tensor tokens = load_token_stream(path, tokenizer_dir);
+  const at::Tensor tokens = load_token_stream(path, tokenizer);
   const std::string source = "'" + path + "'";
   if (sampling == Sampling::kContiguous) return TokenSequences(tokens, seq_len, count, source);
   if (count < 0) count = std::max<std::int64_t>(1, tokens.numel() / std::max<std::int64_t>(1, seq_len));

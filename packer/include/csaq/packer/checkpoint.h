@@ -13,6 +13,7 @@
 #include "csaq/shard/comm.h"
 #include "csaq/shard/model.h"
 #include "csaq/solver/solver.h"
+#include "csaq/storage/tokenizer.h"
 
 namespace csaq {
 namespace storage {
@@ -45,12 +46,24 @@ PackedLinear pack_linear(const at::Tensor& weight, const at::Tensor& row_bits, c
 // float32 [out, in]: what the packed Linear stands for.
 at::Tensor unpack_linear(const PackedLinear& packed);
 
+// A file of the source model directory other than config.json and the weights, kept in the
+// checkpoint so that an export is a complete model directory.
+struct ModelFile {
+  std::string name;   // e.g. "tokenizer.json"
+  std::string bytes;  // contents, as is
+};
+// The names such files may have: tokenizer files, chat templates, generation settings.
+const std::vector<std::string>& model_file_names();
+// Collective: those of them present in `model_dir`, as rank 0 reads them, on every rank.
+std::vector<ModelFile> read_model_files(const std::string& model_dir, Communicator& comm);
+
 // Collective. Writes rank-owned data into one checkpoint at `path` (first under
 // `path`.partial, renamed when every rank has finished). `report_json` is rank 0's text.
 // Refuses an existing `path` unless `overwrite`. Dense tensors (embedding, norms, lm_head,
-// biases) are stored in `dense_dtype`.
+// biases) are stored in `dense_dtype`. `model_files` must be the same on every rank.
 void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, std::int64_t group_size,
-                      const std::string& report_json, at::ScalarType dense_dtype, Communicator& comm, bool overwrite);
+                      const std::string& report_json, at::ScalarType dense_dtype,
+                      const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite);
 
 // A checkpoint opened for reading (by any number of processes at once).
 class QuantizedCheckpoint {
@@ -66,6 +79,10 @@ class QuantizedCheckpoint {
   // Every tensor name the checkpoint provides, in Hugging Face naming.
   std::vector<std::string> tensor_names() const;
   at::Tensor tensor(const std::string& name) const;  // undefined when absent
+  // The source model's tokenizer and generation files kept in the checkpoint.
+  std::vector<ModelFile> model_files() const;
+  // The tokenizer those files hold (tokenizer.json); throws asking for --tokenizer if none.
+  storage::Tokenizer tokenizer() const;
 
  private:
   std::string path_;
@@ -74,8 +91,13 @@ class QuantizedCheckpoint {
   std::shared_ptr<Impl> impl_;
 };
 
-// Writes a dequantized Hugging Face checkpoint (config.json + safetensors, sharded above
-// `max_shard_bytes`) that transformers loads. Returns the files written.
+// Hugging Face's name of a float dtype ("float32", "float16", "bfloat16"); throws for others.
+const char* dtype_name(at::ScalarType dtype);
+
+// Writes a dequantized Hugging Face checkpoint (config.json with its dtype set to `dtype`,
+// safetensors sharded above `max_shard_bytes`, and the model files kept in the checkpoint)
+// that transformers loads. Every target is checked before anything is written. Returns the
+// files written.
 std::vector<std::string> export_checkpoint(const QuantizedCheckpoint& ckpt, const std::string& dir,
                                            at::ScalarType dtype, std::uint64_t max_shard_bytes, bool overwrite);
 

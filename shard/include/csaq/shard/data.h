@@ -4,7 +4,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
+
+#include "csaq/storage/tokenizer.h"
 
 namespace csaq {
 
@@ -40,18 +43,23 @@ class TokenSequences {
   std::string source_;
 };
 
+// Where text finds its tokenizer; called only when an input is text.
+using TokenizerLoader = std::function<storage::Tokenizer()>;
+// Tokenizer::load(dir); an empty `dir` gives an error asking for --tokenizer.
+TokenizerLoader tokenizer_in(const std::string& dir);
+
 // The token stream of an input file: .npy as stored; .txt (UTF-8, one document) or .jsonl
-// (one JSON object per line with a "text" string, each a document) tokenized with the
-// tokenizer in `tokenizer_dir`, documents joined with its EOS token (when it has one). Errors
-// name the file and line.
-at::Tensor load_token_stream(const std::string& path, const std::string& tokenizer_dir);
+// (one JSON object per line with a "text" string, each a document) tokenized with
+// `tokenizer`, documents joined with its EOS token (when it has one). Errors name the file
+// and line.
+at::Tensor load_token_stream(const std::string& path, const TokenizerLoader& tokenizer);
 
 enum class Sampling { kContiguous, kRandom };
 Sampling parse_sampling(const std::string& name);
 
 // Sequences of `path` (see load_token_stream): contiguous non-overlapping windows, or
 // `count` random windows (count < 0: as many as contiguous windows would give).
-TokenSequences load_sequences(const std::string& path, const std::string& tokenizer_dir, std::int64_t seq_len,
+TokenSequences load_sequences(const std::string& path, const TokenizerLoader& tokenizer, std::int64_t seq_len,
                               std::int64_t count, Sampling sampling, std::uint64_t seed);
 
 }  // namespace csaq
