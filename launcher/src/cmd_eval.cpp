@@ -56,7 +56,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{batch_size, 1});
   ProgressMeter progress("eval", "batches", pipeline.micro_batches(data), comm.rank() == 0);
-  const LossTotals totals = pipeline.evaluate(data, {}, [&](std::int64_t done, std::int64_t) { progress.update(done); });
+  const LossTotals totals = pipeline.evaluate(data, {}, progress.callback());
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double perplexity = std::exp(totals.mean_nll());
 

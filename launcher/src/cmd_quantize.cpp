@@ -160,7 +160,7 @@ json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArg
       profiler.stopped_early()
           ? start.totals
           : pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
-                               [&](std::int64_t done, std::int64_t) { progress.update(done); },
+                               progress.callback(),
                                checkpoints->round_callback(profiler), start);
   json checks = json::array();
   for (const auto& c : profiler.early_stop_checks()) checks.push_back({{"sequences", c.sequences}, {"rho", c.rho}});
@@ -201,7 +201,8 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
       }
       inputs.push_back(std::move(in));
     }
-  const Plan plan = solve(inputs, model.config().num_layers, comm, sopt);
+  ProgressMeter progress("solve", "linears", static_cast<std::int64_t>(inputs.size()), comm.rank() == 0);
+  const Plan plan = solve(inputs, model.config().num_layers, comm, sopt, progress.callback());
   const PlanSummary& s = plan.summary;
   if (comm.rank() == 0)
     std::fprintf(stderr, "[solve] %lld units, %.4f total bits per weight (%.4f payload), target %.4f %s\n",
@@ -235,8 +236,9 @@ void pack_stage(const std::string& out, const std::string& model_dir, const Mode
                 std::int64_t group_size, json& report, const std::string& report_path, bool overwrite,
                 Communicator& comm, Clock::time_point start) {
   const auto t = Clock::now();
+  ProgressMeter progress("pack", "linears", static_cast<std::int64_t>(plan.linears.size()), comm.rank() == 0);
   write_checkpoint(out, model, plan, group_size, report.dump(2), checkpoint_dtype(model.config()),
-                   read_model_files(model_dir, comm), comm, overwrite);
+                   read_model_files(model_dir, comm), comm, overwrite, progress.callback());
   report["time_s"]["pack"] = seconds_since(t);
   report["time_s"]["total"] = seconds_since(start);
   if (comm.rank() == 0) {

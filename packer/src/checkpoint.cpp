@@ -185,7 +185,8 @@ std::vector<ModelFile> read_model_files(const std::string& model_dir, Communicat
 
 void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, std::int64_t group_size,
                       const std::string& report_json, at::ScalarType dense_dtype,
-                      const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite) {
+                      const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite,
+                      const ProgressCallback& progress) {
   const ModelConfig& c = model.config();
 
   std::map<std::int64_t, PackedLinear> packed;  // by layer * kNumLinears + linear
@@ -197,6 +198,7 @@ void write_checkpoint(const std::string& path, const ModelShard& model, const Pl
     sizes[key][0] = p.scales.size(0);
     sizes[key][1] = p.codes.size(0);
     packed.emplace(key, std::move(p));
+    if (progress) progress(static_cast<std::int64_t>(packed.size()), static_cast<std::int64_t>(plan.linears.size()));
   }
   comm.all_reduce(sizes, ReduceOp::kSum);
   const std::string report = broadcast_string(comm, report_json);

@@ -281,9 +281,12 @@ void check_target_reachable(const std::vector<std::pair<std::int64_t, std::int64
 }
 
 Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Communicator& comm,
-           const SolverOptions& opt) {
+           const SolverOptions& opt, const ProgressCallback& progress) {
   std::vector<LinearUnits> units;
-  for (const auto& in : linears) units.push_back(build_units(in, opt));
+  for (const auto& in : linears) {
+    units.push_back(build_units(in, opt));
+    if (progress) progress(static_cast<std::int64_t>(units.size()), static_cast<std::int64_t>(linears.size()));
+  }
   at::Tensor weights = at::zeros({1}, at::kLong);
   for (const auto& in : linears) weights += in.weight.numel();
   comm.all_reduce(weights, ReduceOp::kSum);

@@ -61,9 +61,11 @@ std::vector<ModelFile> read_model_files(const std::string& model_dir, Communicat
 // `path`.partial, renamed when every rank has finished). `report_json` is rank 0's text.
 // Refuses an existing `path` unless `overwrite`. Dense tensors (embedding, norms, lm_head,
 // biases) are stored in `dense_dtype`. `model_files` must be the same on every rank.
+// `progress` hears of each of this rank's Linears packed.
 void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, std::int64_t group_size,
                       const std::string& report_json, at::ScalarType dense_dtype,
-                      const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite);
+                      const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite,
+                      const ProgressCallback& progress = {});
 
 // A checkpoint opened for reading (by any number of processes at once).
 class QuantizedCheckpoint {

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "csaq/shard/progress.h"
 #include "csaq/shard/comm.h"
 #include "csaq/shard/data.h"
 #include "csaq/shard/model.h"
@@ -53,7 +54,6 @@ using GradientCallback = std::function<void(const LayerGradients&)>;
 using LogitsCallback =
     std::function<void(std::int64_t micro_batch, const at::Tensor& ids, const at::Tensor& logits)>;
 // Every rank, after each micro-batch it finished (forward for evaluate, backward for calibrate).
-using ProgressCallback = std::function<void(std::int64_t done, std::int64_t total)>;
 // What a round callback learns after each round of `in_flight` micro-batches.
 struct RoundInfo {
   std::int64_t sequences_done = 0;

@@ -3,10 +3,14 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <string>
 
 namespace csaq {
+
+// Told of units of work done out of a total (micro-batches, Linears).
+using ProgressCallback = std::function<void(std::int64_t done, std::int64_t total)>;
 
 // Prints at most one line per `interval_s` (and always the last), one line each so that
 // batch-system log files stay readable. Disabled meters print nothing (ranks other than 0).
@@ -17,6 +21,10 @@ class ProgressMeter {
   ProgressMeter(std::string stage, std::string unit, std::int64_t total, bool enabled,
                 double interval_s = 1.0, std::int64_t already_done = 0);
   void update(std::int64_t done);
+  // update() as a ProgressCallback.
+  ProgressCallback callback() {
+    return [this](std::int64_t done, std::int64_t) { update(done); };
+  }
   double elapsed_s() const;
 
  private:

@@ -21,6 +21,7 @@
 
 #include "csaq/shard/comm.h"
 #include "csaq/shard/config.h"
+#include "csaq/shard/progress.h"
 
 namespace csaq {
 namespace storage {
@@ -90,8 +91,9 @@ void save_plan(storage::H5File& file, const Plan& plan, const ModelConfig& confi
 // This rank's Linears (layers [begin, end)) of a saved plan; the config must match.
 Plan load_plan(const storage::H5File& file, const ModelConfig& config, std::int64_t begin, std::int64_t end);
 
-// Collective: every rank calls it with its own Linears.
+// Collective: every rank calls it with its own Linears. `progress` hears of each Linear whose
+// costs are computed (the bulk of the work).
 Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Communicator& comm,
-           const SolverOptions& options);
+           const SolverOptions& options, const ProgressCallback& progress = {});
 
 }  // namespace csaq
