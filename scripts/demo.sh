@@ -15,7 +15,7 @@ csaq="mpirun -np 2 ./build/launcher/csaq"
 $csaq quantize --model demo --calib demo/calib.txt --samples 32 --seq-len 256 \
   --target-bits 4.5 --bit-options 2,4,8 --out demo/demo-csaq.h5 --report demo/quantize-report.json --overwrite
 $csaq eval --model demo --data demo/heldout.txt --seq-len 256
-$csaq eval --quantized demo/demo-csaq.h5 --tokenizer demo --data demo/heldout.txt --seq-len 256 \
+$csaq eval --quantized demo/demo-csaq.h5 --data demo/heldout.txt --seq-len 256 \
   --report demo/eval-report.json --overwrite
 ./build/launcher/csaq inspect demo/demo-csaq.h5 | tail -5
 echo "reports: demo/quantize-report.json demo/eval-report.json"
