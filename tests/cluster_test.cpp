@@ -1,6 +1,7 @@
 // Surviving the cluster: preemption, killed ranks, crashes and full disks during checkpoint
 // writes, resuming on another world size. Every resumed run must give the byte-identical
 // checkpoint and the same report (timings aside) as an uninterrupted one.
+#include <csignal>
 #include <filesystem>
 
 #include "cli_support.h"
@@ -21,10 +22,13 @@ class Resume : public ::testing::Test {
     ASSERT_EQ(r.rc, 0) << r.output;
   }
 
-  // 24 calibration sequences in rounds of 2, a checkpoint every 2 micro-batches.
-  std::string quantize(const std::string& out, const std::string& extra = "") const {
+  // 24 calibration sequences in rounds of 2, a checkpoint every `every` (2) micro-batches,
+  // no early stop unless `rho` says so.
+  std::string quantize(const std::string& out, const std::string& extra = "", int every = 2,
+                       const std::string& rho = "0.9999") const {
     return " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
-           " --samples 24 --seq-len 64 --in-flight 2 --checkpoint-every 2 --early-stop-rho 0.9999 --target-bits 5"
+           " --samples 24 --seq-len 64 --in-flight 2 --checkpoint-every " + std::to_string(every) +
+           " --early-stop-rho " + rho + " --target-bits 5"
            " --bit-options 2,4,8 --group-size 32 --clique-threshold 0.5 --out " + (dir / out) + " --report " +
            (dir / (out + ".json")) + extra;
   }
@@ -70,6 +74,35 @@ TEST_F(Resume, PreemptionWritesACheckpointExitsWith75AndResumesOnAnotherWorldSiz
   ASSERT_EQ(r.rc, 0) << r.output;
   EXPECT_NE(r.output.find("[resume]"), std::string::npos) << r.output;
   expect_same_as_reference("out.h5", /*same_world=*/false);
+}
+
+TEST_F(Resume, PreemptionAsCalibrationEndsStopsBeforeSolvingAndLeavesNothingToRecalibrate) {
+  // Early stopping ends calibration at 16 sequences, in the round where the signal comes: the
+  // run stops before solving, with the end of calibration committed (by the final checkpoint
+  // when checkpoints are periodic, by the preemption itself when they are only on signal).
+  Result r = run(mpirun(2) + quantize("es-ref.h5", "", 10, "0.5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  ASSERT_EQ(read_json(dir / "es-ref.h5.json")["early_stop"]["sequences_used"], 16);
+  for (int every : {10, 0}) {
+    SCOPED_TRACE("--checkpoint-every " + std::to_string(every));
+    const std::string out = "out" + std::to_string(every) + ".h5";
+    r = run("env CSAQ_FAULT_SIGNAL_AT=16 " + mpirun(2) + quantize(out, "", every, "0.5"));
+    EXPECT_EQ(r.rc, 75) << r.output;
+    EXPECT_EQ(r.output.find("[solve]"), std::string::npos) << r.output;
+    EXPECT_EQ(committed(out), std::vector<std::string>{"calib-0000000016.h5"});
+    r = run(mpirun(2) + quantize(out, "", every, "0.5"));
+    ASSERT_EQ(r.rc, 0) << r.output;
+    EXPECT_NE(r.output.find("calib-0000000016.h5: 16 micro-batches done"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("[profile] 1"), std::string::npos) << "no calibration rounds\n" << r.output;
+    const storage::H5File a = storage::H5File::open_read(dir / "es-ref.h5"), b = storage::H5File::open_read(dir / out);
+    int compared = 0;
+    test::expect_same_datasets(a, b, "", compared, {"report.json"});
+    auto strip = [](json j) {
+      j.erase("time_s");
+      return j;
+    };
+    EXPECT_EQ(strip(read_json(dir / "es-ref.h5.json")), strip(read_json(dir / (out + ".json"))));
+  }
 }
 
 TEST_F(Resume, RealSigusr1ToMpirunStopsAtTheNextRoundAndResumes) {
@@ -153,6 +186,16 @@ TEST(Cluster, SlurmTaskCountMustMatchTheMpiWorld) {
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("SLURM_NTASKS=4 but the MPI world has 1 rank"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("srun --mpi=pmix"), std::string::npos) << r.output;
+}
+
+TEST(Cluster, CommandsThatDoNotCalibrateEndAtSigterm) {
+  TempDir dir;
+  Result r = run(csaq() + " make-demo --out " + (dir / "demo"));  // eval of its held-out text takes seconds
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run("timeout --preserve-status -s TERM 1.5 " + csaq() + " eval --model " + (dir / "demo") + " --data " +
+          (dir / "demo/heldout.txt") + " --seq-len 256");
+  EXPECT_EQ(r.rc, 128 + SIGTERM) << r.output;
+  EXPECT_EQ(r.output.find("perplexity:"), std::string::npos) << r.output;
 }
 
 TEST(Cluster, AnOutputThatIsAnInputIsRefused) {

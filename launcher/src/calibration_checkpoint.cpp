@@ -139,7 +139,8 @@ ResumePoint CalibrationCheckpointer::resume(const std::string& mode, Profiler& p
   r.totals.nll_sum = state["nll_sum"].get<double>();
   r.totals.predicted_tokens = state["predicted_tokens"].get<std::int64_t>();
   r.totals.sequences = state["sequences"].get<std::int64_t>();
-  last_saved_ = r.micro_batch;
+  last_saved_ = done_ = r.micro_batch;
+  totals_ = r.totals;
   if (comm_.rank() == 0)
     std::fprintf(stderr, "[resume] %s: %lld micro-batches done\n", path.c_str(), static_cast<long long>(r.micro_batch));
   return r;
@@ -186,15 +187,23 @@ RoundCallback CalibrationCheckpointer::round_callback(Profiler& profiler) {
       std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(delay)));
     const char* at = std::getenv("CSAQ_FAULT_SIGNAL_AT");
     if (at != nullptr && comm_.rank() == 0 && info.micro_batches_done >= std::atoll(at)) std::raise(SIGUSR1);
-    if (early_stop(info)) return true;
-    at::Tensor flag = at::tensor({static_cast<std::int64_t>(g_preempt)}, at::kLong);
-    comm_.all_reduce(flag, ReduceOp::kMax);
-    const bool preempted = flag.item<std::int64_t>() != 0;
-    if (preempted || (every_ > 0 && info.micro_batches_done - last_saved_ >= every_))
-      save(info.micro_batches_done, info.totals, profiler);
-    if (preempted) throw Preempted{(fs::path(dir_) / checkpoint_name(info.micro_batches_done)).string()};
-    return false;
+    const bool finished = early_stop(info) || info.micro_batches_done == info.micro_batches_total;
+    done_ = info.micro_batches_done;
+    totals_ = info.totals;
+    // The end of calibration is checkpointed too, so that a run lost in the later stages
+    // resumes with no calibration left to do.
+    if (every_ > 0 && (finished || done_ - last_saved_ >= every_)) save(done_, totals_, profiler);
+    if (!finished) stop_if_preempted(profiler);
+    return finished;
   };
+}
+
+void CalibrationCheckpointer::stop_if_preempted(const Profiler& profiler) {
+  at::Tensor flag = at::tensor({static_cast<std::int64_t>(g_preempt)}, at::kLong);
+  comm_.all_reduce(flag, ReduceOp::kMax);
+  if (flag.item<std::int64_t>() == 0) return;
+  if (done_ != last_saved_) save(done_, totals_, profiler);  // else the newest committed one is here
+  throw Preempted{(fs::path(dir_) / checkpoint_name(done_)).string()};
 }
 
 void CalibrationCheckpointer::remove_all() {

@@ -22,7 +22,9 @@ struct Preempted {
   std::string checkpoint;
 };
 
-// SIGUSR1 and SIGTERM only set a flag; ranks agree on it at the next round boundary.
+// From here on SIGUSR1 and SIGTERM only set a flag; ranks agree on it at the next round
+// boundary (or stage boundary after calibration). Only commands that calibrate install it;
+// the others keep the default action (terminate).
 void install_preemption_handlers();
 
 // What must match for a checkpoint to be resumed: format, model files, calibration tokens,
@@ -40,8 +42,12 @@ class CalibrationCheckpointer {
   // "must": that checkpoint or an error. Restores `profiler` and returns where to continue.
   // A fingerprint mismatch is an error listing every difference.
   ResumePoint resume(const std::string& mode, Profiler& profiler);
-  // Chains the profiler's early stopping with periodic and preemption checkpoints.
+  // Chains the profiler's early stopping with periodic and preemption checkpoints; the round
+  // that ends calibration is checkpointed as well (unless checkpoints are only on signal).
   RoundCallback round_callback(Profiler& profiler);
+  // Collective, between stages: if a rank got SIGUSR1/SIGTERM, makes sure a checkpoint of
+  // where calibration stands is committed and throws Preempted on every rank.
+  void stop_if_preempted(const Profiler& profiler);
   // Removes this run's checkpoints (after the final output is written).
   void remove_all();
 
@@ -53,6 +59,8 @@ class CalibrationCheckpointer {
   nlohmann::json fingerprint_;
   Communicator& comm_;
   std::int64_t last_saved_ = 0;
+  std::int64_t done_ = 0;  // micro-batches calibrated so far
+  LossTotals totals_;      // and their totals (last rank)
   int saves_ = 0;
 };
 

@@ -279,6 +279,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options(rtn);
   const ProfilerOptions popt = pa.options();
+  if (!rtn) install_preemption_handlers();  // calibration can stop and resume; RTN simply restarts
   const ModelConfig config = ModelConfig::load(model_dir);
   check_target(config, sopt);
 
@@ -293,8 +294,10 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
     report["time_s"]["profile"] = part["profile_s"];
     part.erase("profile_s");
     report.update(part);
+    checkpoints->stop_if_preempted(profiler);
   }
   const Plan plan = solve_stage(model, rtn ? nullptr : &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
+  if (checkpoints) checkpoints->stop_if_preempted(profiler);
   pack_stage(out, model_dir, model, plan, sopt.group_size, report, report_path, overwrite, comm, start);
   if (checkpoints) checkpoints->remove_all();
   return 0;
@@ -317,6 +320,7 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   const bool overwrite = vm.count("overwrite") > 0;
   check_outputs(overwrite, {out}, {model_dir, pa.calib, pa.tokenizer});
   set_threads(threads, comm);
+  install_preemption_handlers();
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(),
                                       compute_dtype(pa.dtype, ModelConfig::load(model_dir)));
   Profiler profiler(model, comm, pa.options());

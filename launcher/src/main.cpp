@@ -116,7 +116,6 @@ int main(int argc, char** argv) {
                    ntasks, world);
     return 1;
   }
-  csaq::cli::install_preemption_handlers();
 #ifdef CSAQ_WITH_CUDA
   // One GPU per rank, chosen by the rank's index among the ranks on its node.
   if (c10::cuda::device_count() > 0)

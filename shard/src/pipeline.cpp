@@ -170,7 +170,7 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       if (on_progress) on_progress(++done, total);
     }
     const std::int64_t sequences_done = std::min(data.size(), round_end * options_.micro_batch_size);
-    if (after_round && after_round(RoundInfo{sequences_done, round_end, totals})) break;
+    if (after_round && after_round(RoundInfo{sequences_done, round_end, total, totals})) break;
   }
   share_totals(totals);
   return totals;

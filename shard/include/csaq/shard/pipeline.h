@@ -53,11 +53,11 @@ using GradientCallback = std::function<void(const LayerGradients&)>;
 // Last rank only: float32 logits [b, L, vocab] of a micro-batch and its token ids [b, L].
 using LogitsCallback =
     std::function<void(std::int64_t micro_batch, const at::Tensor& ids, const at::Tensor& logits)>;
-// Every rank, after each micro-batch it finished (forward for evaluate, backward for calibrate).
 // What a round callback learns after each round of `in_flight` micro-batches.
 struct RoundInfo {
   std::int64_t sequences_done = 0;
   std::int64_t micro_batches_done = 0;
+  std::int64_t micro_batches_total = 0;
   LossTotals totals;  // running totals so far; meaningful on the last rank only
 };
 // Every rank, after each round; returning true stops calibration there. It may run
@@ -72,7 +72,8 @@ class Pipeline {
 
   std::int64_t micro_batches(const TokenSequences& data) const;
 
-  // Forward only. Returns the loss totals on every rank.
+  // Forward only. Returns the loss totals on every rank. `on_progress` (every rank) hears of
+  // each micro-batch finished: its forward here, its backward in calibrate.
   LossTotals evaluate(const TokenSequences& data, const LogitsCallback& on_logits = {},
                       const ProgressCallback& on_progress = {});
 
