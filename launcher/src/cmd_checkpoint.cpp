@@ -27,8 +27,7 @@ int run_export(const std::vector<std::string>& args, Communicator& comm) {
   po::variables_map vm;
   if (!parse_options("export", options, args, vm, comm)) return 0;
   if (vm["format"].as<std::string>() != "safetensors") throw UsageError{"--format must be safetensors"};
-  const at::ScalarType named = dtype == "float32" ? at::kFloat : dtype == "float16" ? at::kHalf
-                               : dtype == "bfloat16" ? at::kBFloat16 : at::ScalarType::Undefined;
+  const at::ScalarType named = dtype_from_name(dtype);
   if (named == at::ScalarType::Undefined && dtype != "auto")
     throw UsageError{"--dtype must be auto, float32, float16 or bfloat16"};
   if (comm.rank() != 0) return 0;  // one writer

@@ -49,8 +49,8 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   ModelShard model = ckpt ? ModelShard(config, comm.rank(), comm.size(), ckpt->source(), type)
                           : load_model_shard(model_dir, comm.rank(), comm.size(), type);
   // Text is tokenized with --tokenizer, else the model's own (a checkpoint keeps it).
-  const TokenizerLoader tok = !tokenizer.empty() || !ckpt ? tokenizer_in(tokenizer.empty() ? model_dir : tokenizer)
-                                                          : TokenizerLoader([&] { return ckpt->tokenizer(); });
+  TokenizerLoader tok = tokenizer_in(tokenizer.empty() ? model_dir : tokenizer);
+  if (tokenizer.empty() && ckpt) tok = [&] { return ckpt->tokenizer(); };
   TokenSequences data = load_sequences(data_path, tok, seq_len, max_sequences,
                                        Sampling::kContiguous, 0);
   data.check_vocabulary(model.config().vocab_size);

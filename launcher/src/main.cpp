@@ -19,6 +19,7 @@
 
 #include "calibration_checkpoint.h"
 #include "commands.h"
+#include "csaq/packer/checkpoint.h"
 #include "csaq/storage/error.h"
 
 namespace {
@@ -59,10 +60,8 @@ bool parse_options(const std::string& command, po::options_description& options,
 
 at::ScalarType checkpoint_dtype(const ModelConfig& c) {
   const auto j = nlohmann::json::parse(c.json_text);
-  const std::string t = j.value("torch_dtype", j.value("dtype", std::string("float32")));
-  if (t == "bfloat16") return at::kBFloat16;
-  if (t == "float16") return at::kHalf;
-  return at::kFloat;
+  const at::ScalarType t = dtype_from_name(j.value("torch_dtype", j.value("dtype", std::string("float32"))));
+  return t == at::ScalarType::Undefined ? at::kFloat : t;
 }
 
 at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config) {
@@ -75,13 +74,12 @@ at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config)
     const at::ScalarType t = checkpoint_dtype(config);
     return t == at::kHalf && !kHalfKernels ? at::kFloat : t;
   }
-  if (name == "float32") return at::kFloat;
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float16") {
-    if (!kHalfKernels) throw UsageError{"--dtype float16 needs a CUDA build (CPU matrix products have no float16 kernels)"};
-    return at::kHalf;
-  }
-  throw UsageError{"--dtype must be auto, float32, bfloat16 or float16, not '" + name + "'"};
+  const at::ScalarType t = dtype_from_name(name);
+  if (t == at::ScalarType::Undefined)
+    throw UsageError{"--dtype must be auto, float32, bfloat16 or float16, not '" + name + "'"};
+  if (t == at::kHalf && !kHalfKernels)
+    throw UsageError{"--dtype float16 needs a CUDA build (CPU matrix products have no float16 kernels)"};
+  return t;
 }
 
 void set_threads(int requested, const Communicator& comm) {

@@ -333,6 +333,12 @@ const char* dtype_name(at::ScalarType dtype) {
   }
 }
 
+at::ScalarType dtype_from_name(const std::string& name) {
+  for (at::ScalarType t : {at::kFloat, at::kHalf, at::kBFloat16})
+    if (name == dtype_name(t)) return t;
+  return at::ScalarType::Undefined;
+}
+
 std::vector<std::string> export_checkpoint(const QuantizedCheckpoint& ckpt, const std::string& dir,
                                            at::ScalarType dtype, std::uint64_t max_shard_bytes, bool overwrite) {
   // config.json says what the weights are: transformers-5 configs name it "dtype", older ones

@@ -95,6 +95,8 @@ class QuantizedCheckpoint {
 
 // Hugging Face's name of a float dtype ("float32", "float16", "bfloat16"); throws for others.
 const char* dtype_name(at::ScalarType dtype);
+// Its inverse; Undefined for any other name.
+at::ScalarType dtype_from_name(const std::string& name);
 
 // Writes a dequantized Hugging Face checkpoint (config.json with its dtype set to `dtype`,
 // safetensors sharded above `max_shard_bytes`, and the model files kept in the checkpoint)
