@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds csaq, writes a small random Llama checkpoint with a byte-level tokenizer and some
-# generated text (demo/), quantizes it to 4.5 bits per weight calibrating on demo/calib.txt
+# generated text (demo/), quantizes it to 4.0 bits per weight calibrating on demo/calib.txt
 # with its layers sharded over 2 MPI ranks, and compares perplexity on demo/heldout.txt before
 # and after. No downloads.
 set -euo pipefail
@@ -13,7 +13,7 @@ fi
 csaq="mpirun -np 2 ./build/launcher/csaq"
 [ -f demo/config.json ] || ./build/launcher/csaq make-demo --out demo
 $csaq quantize --model demo --calib demo/calib.txt --samples 32 --seq-len 256 \
-  --target-bits 4.5 --bit-options 2,4,8 --out demo/demo-csaq.h5 --report demo/quantize-report.json --overwrite
+  --target-bits 4.0 --out demo/demo-csaq.h5 --report demo/quantize-report.json --overwrite
 $csaq eval --model demo --data demo/heldout.txt --seq-len 256
 $csaq eval --quantized demo/demo-csaq.h5 --data demo/heldout.txt --seq-len 256 \
   --report demo/eval-report.json --overwrite

@@ -10,6 +10,7 @@
 #include "csaq/packer/checkpoint.h"
 #include "csaq/shard/model.h"
 #include "csaq/storage/files.h"
+#include "csaq/storage/h5.h"
 #include "csaq/storage/safetensors.h"
 #include "cli_support.h"
 #include "support.h"
@@ -166,17 +167,19 @@ TEST(Cli, MakeDemoRefusesToOverwrite) {
   EXPECT_NE(r.output.find("already exists"), std::string::npos) << r.output;
 }
 
-TEST(CliQuantize, CsaqBeatsRoundToNearestOnTinyStoriesAtFourTotalBits) {
+TEST(CliQuantize, CsaqBeatsGptqAndRoundToNearestOnTinyStoriesAtFourTotalBits) {
   CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
   CSAQ_REQUIRE_SHARED(calib, "data/tinystories-calib.npy");
   CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");
   TempDir dir;
-  const std::string common = " quantize --model " + model_dir + " --target-bits 4.0 --bit-options 2,3,4,8";
-  Result r = run(mpirun(2) + common + " --calib " + calib + " --seq-len 512 --out " + (dir / "csaq.h5") +
-                 " --report " + (dir / "csaq.json"));
+  const std::string common = " quantize --model " + model_dir + " --target-bits 4.0";
+  const std::string data = " --calib " + calib + " --seq-len 512";
+  Result r = run(mpirun(2) + common + data + " --out " + (dir / "csaq.h5") + " --report " + (dir / "csaq.json"), 300);
   ASSERT_EQ(r.rc, 0) << r.output;
-  for (const char* progress : {"[profile] 1/", "[profile] stopped early after 16 of", "[solve] 7/7 linears", "[pack] 7/7 linears"})
+  for (const char* progress : {"[profile] 1/", "[profile] stopped early after", "[solve] 7/7 linears", "[pack] 7/7 linears"})
     EXPECT_NE(r.output.find(progress), std::string::npos) << progress << "\n" << r.output;
+  r = run(csaq() + common + data + " --method gptq --out " + (dir / "gptq.h5") + " --report " + (dir / "gptq.json"), 300);
+  ASSERT_EQ(r.rc, 0) << r.output;
   r = run(csaq() + common + " --method rtn --out " + (dir / "rtn.h5") + " --report " + (dir / "rtn.json"));
   ASSERT_EQ(r.rc, 0) << r.output;
   const json rep = read_json(dir / "csaq.json");
@@ -185,20 +188,39 @@ TEST(CliQuantize, CsaqBeatsRoundToNearestOnTinyStoriesAtFourTotalBits) {
   EXPECT_LT(rep["bits"]["payload_per_weight"].get<double>(), rep["bits"]["total_per_weight"].get<double>());
   EXPECT_EQ(rep["world_size"], 2);
   EXPECT_EQ(rep["bits"]["per_layer_total"].size(), 2u);
-  for (const char* key : {"cliques", "early_stop", "time_s", "agreement_top5", "solver"}) EXPECT_TRUE(rep.contains(key)) << key;
+  for (const char* key : {"cliques", "early_stop", "time_s", "agreement_top5", "solver", "quantizer"})
+    EXPECT_TRUE(rep.contains(key)) << key;
+  EXPECT_EQ(rep["solver"]["cost"], "taylor");
+  EXPECT_EQ(rep["quantizer"]["kind"], "gptq");
   EXPECT_GE(rep["early_stop"]["sequences_used"].get<int>(), 16);
   const double agreement = rep["agreement_top5"].get<double>();
   EXPECT_TRUE(agreement > 0 && agreement < 1) << agreement;
   std::int64_t histogram = 0;
   for (const auto& [bits, n] : rep["bits"]["histogram"].items()) histogram += n.get<std::int64_t>();
   EXPECT_EQ(histogram, rep["bits"]["weights"].get<std::int64_t>());
+  // The uniform baselines: the widest (bits, group) pair that fits, one format per Linear.
+  for (const char* base : {"gptq.json", "rtn.json"}) {
+    const json b = read_json(dir / base);
+    EXPECT_LE(b["bits"]["total_per_weight"].get<double>(), 4.0) << base;
+    EXPECT_EQ(b["bits"]["format_histogram"].size(), 1u) << base;
+  }
+  // The report's total is the bytes of the Linears' datasets in the file, to the bit.
+  const storage::H5File f = storage::H5File::open_read(dir / "csaq.h5");
+  std::int64_t stored = 0;
+  for (const auto& layer : f.list("linear"))
+    for (const auto& module : f.list("linear/" + layer)) {
+      const std::string group = "linear/" + layer + "/" + module;
+      for (const auto& name : f.list(group)) stored += 8 * static_cast<std::int64_t>(f.read(group + "/" + name).nbytes());
+    }
+  EXPECT_EQ(stored, rep["bits"]["total_bits"].get<std::int64_t>());
 
   const Result q = run(mpirun(2) + " eval --quantized " + (dir / "csaq.h5") + " --data " + heldout + " --seq-len 512");
+  const Result g = run(csaq() + " eval --quantized " + (dir / "gptq.h5") + " --data " + heldout + " --seq-len 512");
   const Result b = run(csaq() + " eval --quantized " + (dir / "rtn.h5") + " --data " + heldout + " --seq-len 512");
-  ASSERT_EQ(q.rc, 0) << q.output;
-  ASSERT_EQ(b.rc, 0) << b.output;
-  EXPECT_LT(perplexity_of(q), perplexity_of(b));
-  EXPECT_GT(perplexity_of(q), 36.64);  // quantization costs something
+  for (const Result* x : {&q, &g, &b}) ASSERT_EQ(x->rc, 0) << x->output;
+  EXPECT_LT(perplexity_of(q), perplexity_of(g));
+  EXPECT_LT(perplexity_of(g), perplexity_of(b));
+  EXPECT_LT(perplexity_of(q), 37.9);  // FP32: 36.64
 }
 
 TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
@@ -207,7 +229,7 @@ TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
   if (HasFatalFailure()) return;
   const std::string data = " --data " + (dir / "demo/tokens.npy") + " --seq-len 64";
   Result r = run(mpirun(3) + " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") +
-                 " --seq-len 64 --samples 16 --target-bits 5 --bit-options 2,4,8 --group-size 32 --out " +
+                 " --seq-len 64 --samples 16 --target-bits 5 --bit-options 2,4,8 --group-options 32 --out " +
                  (dir / "q.h5"));
   ASSERT_EQ(r.rc, 0) << r.output;
   r = run(csaq() + " export --quantized " + (dir / "q.h5") + " --out " + (dir / "hf"));
@@ -251,7 +273,7 @@ TEST(CliQuantize, StagesRunAloneGiveTheSameCheckpointAsQuantize) {
   if (HasFatalFailure()) return;
   const std::string model = " --model " + (dir / "demo");
   const std::string calib = " --calib " + (dir / "demo/tokens.npy") + " --seq-len 64 --samples 16";
-  const std::string budget = " --bit-options 2,4,8 --group-size 32 --clique-threshold 0.5";
+  const std::string budget = " --bit-options 2,4,8 --group-options 32 --clique-threshold 0.5";
   Result r = run(mpirun(2) + " quantize" + model + calib + budget + " --target-bits 5 --out " + (dir / "one.h5"));
   ASSERT_EQ(r.rc, 0) << r.output;
   r = run(mpirun(2) + " profile" + model + calib + " --out " + (dir / "s.h5"));
@@ -262,26 +284,62 @@ TEST(CliQuantize, StagesRunAloneGiveTheSameCheckpointAsQuantize) {
     ASSERT_EQ(r.rc, 0) << r.output;
     EXPECT_EQ(r.output.find("[profile]"), std::string::npos) << r.output;
   }
-  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan5.h5") + " --out " + (dir / "staged.h5") + " --report " +
-          (dir / "staged.json"));
+  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan5.h5") + " --out " + (dir / "staged.h5"));
+  EXPECT_EQ(r.rc, 2);  // GPTQ needs the salience file's input Hessians
+  EXPECT_NE(r.output.find("pass it as --profile"), std::string::npos) << r.output;
+  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan5.h5") + " --profile " + (dir / "s.h5") + " --out " +
+          (dir / "staged.h5") + " --report " + (dir / "staged.json"));
   ASSERT_EQ(r.rc, 0) << r.output;
   const QuantizedCheckpoint one(dir / "one.h5"), staged(dir / "staged.h5");
   for (const auto& name : one.tensor_names()) EXPECT_TRUE(at::equal(one.tensor(name), staged.tensor(name))) << name;
   const json a = json::parse(one.report_json()), b = read_json(dir / "staged.json");
   EXPECT_EQ(a["bits"]["total_bits"], b["bits"]["total_bits"]);
   EXPECT_EQ(a["early_stop"]["sequences_used"], b["early_stop"]["sequences_used"]);
-  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan4.h5") + " --out " + (dir / "four.h5") + " --report " +
-          (dir / "four.json"));
+  r = run(csaq() + " pack" + model + " --plan " + (dir / "plan4.h5") + " --profile " + (dir / "s.h5") + " --out " +
+          (dir / "four.h5") + " --report " + (dir / "four.json"));
   ASSERT_EQ(r.rc, 0) << r.output;
   EXPECT_LE(read_json(dir / "four.json")["bits"]["total_per_weight"].get<double>(), 4.0);
   EXPECT_GT(read_json(dir / "four.json")["bits"]["total_per_weight"].get<double>(), 3.9);
+}
+
+TEST(CliQuantize, PostQuantizationIntegralIsProfiledForItsFormatsAndCostsAreChecked) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  const std::string model = " --model " + (dir / "demo");
+  const std::string formats = " --bit-options 2,4 --group-options 32";
+  Result r = run(mpirun(2) + " profile" + model + " --calib " + (dir / "demo/tokens.npy") +
+                 " --seq-len 64 --samples 8 --salience pqi --pqi-samples 2 --pqi-points 1" + formats + " --out " +
+                 (dir / "s.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("[pqi] 2/2 passes"), std::string::npos) << r.output;
+  r = run(csaq() + " solve" + model + " --profile " + (dir / "s.h5") + " --salience pqi" + formats +
+          " --target-bits 3.5 --out " + (dir / "p.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(json::parse(storage::H5File::open_read(dir / "p.h5").read_text("report.json"))["solver"]["cost"], "pqi");
+  r = run(csaq() + " solve" + model + " --profile " + (dir / "s.h5") + " --salience pqi --bit-options 2,3,4 --group-options 32 --target-bits 3.5 --out " +
+          (dir / "p2.h5"));
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("has the post-quantization integral for --bit-options [2,4]"), std::string::npos) << r.output;
+  // check-costs: one line per cost model, every sample in the report.
+  r = run(mpirun(2) + " check-costs" + model + " --profile " + (dir / "s.h5") + " --data " + (dir / "demo/tokens.npy") +
+          " --seq-len 64 --max-sequences 4 --samples 6" + formats + " --report " + (dir / "cc.json"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  for (const char* kind : {"taylor ", "hessian ", "pqi ", "causal ", "activation "})
+    EXPECT_NE(r.output.find(std::string("  ") + kind), std::string::npos) << kind << r.output;
+  const json cc = read_json(dir / "cc.json");
+  ASSERT_EQ(cc["samples"].size(), 6u);
+  for (const auto& s : cc["samples"]) {
+    EXPECT_NE(s["true"].get<double>(), 0.0) << s.dump();  // quantizing a row moves the loss
+    EXPECT_GT(s["predicted"]["magnitude"].get<double>(), 0.0) << s.dump();
+  }
 }
 
 TEST(CliQuantize, UnreachableTargetAndExistingOutputFailBeforeAnyWork) {
   TempDir dir;
   make_demo(dir);
   if (HasFatalFailure()) return;
-  const std::string base = " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") + " --seq-len 64 --group-size 32";
+  const std::string base = " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") + " --seq-len 64 --group-options 32";
   Result r = run(mpirun(2) + base + " --target-bits 2.0 --bit-options 2,4 --out " + (dir / "q.h5"));
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("--target-bits 2 is unreachable"), std::string::npos) << r.output;

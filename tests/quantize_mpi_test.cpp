@@ -48,15 +48,18 @@ QuantizeRun quantize(const ModelShard& model, Communicator& comm) {
                    .calibrate(data, run.profiler->gradient_callback(), &run.profiler->observer(), {}, {},
                               run.profiler->round_callback());
   std::vector<LinearInput> inputs;
+  const Profiler* p = run.profiler.get();
   for (const DecoderLayer& layer : model.decoder())
     for (int i = 0; i < kNumLinears; ++i)
-      inputs.push_back({layer.index, i, layer.linears[i].weight.detach(),
-                        run.profiler->salience(layer.index, i, SalienceKind::kCausal),
-                        run.profiler->row_leaders(layer.index, i, 0.5)});
+      inputs.push_back({layer.index, i, layer.linears[i].weight.detach(), p->row_leaders(layer.index, i, 0.5),
+                        p->linear_hessian(layer.index, i),
+                        [p, l = layer.index, i](const at::Tensor& d, std::size_t f) {
+                          return p->row_cost(l, i, SalienceKind::kTaylor, d, f);
+                        }});
   SolverOptions sopt;
   sopt.bit_options = {2, 3, 4, 8};
+  sopt.group_options = {16, 32};
   sopt.target_bits = 4.6;
-  sopt.group_size = 32;
   run.plan = solve(inputs, model.config().num_layers, comm, sopt);
   run.agreement = top_fraction_agreement(*run.profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm);
   return run;
@@ -99,8 +102,12 @@ TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {
     EXPECT_EQ(dist.profiler->early_stop_checks()[i].rho, single.profiler->early_stop_checks()[i].rho);
   EXPECT_EQ(dist.agreement, single.agreement);
   for (const auto& s : dist.profiler->stats()) {
-    EXPECT_TRUE(at::equal(s.causal, single.profiler->stats(s.layer, s.linear).causal));
-    EXPECT_TRUE(at::equal(s.coact.counts(), single.profiler->stats(s.layer, s.linear).coact.counts()));
+    const LinearStats& ref = single.profiler->stats(s.layer, s.linear);
+    EXPECT_TRUE(at::equal(s.causal, ref.causal));
+    EXPECT_TRUE(at::equal(s.grad_sum, ref.grad_sum));
+    EXPECT_TRUE(at::equal(s.out_grad_sq, ref.out_grad_sq));
+    EXPECT_TRUE(at::equal(s.coact.counts(), ref.coact.counts()));
+    EXPECT_TRUE(at::equal(dist.profiler->linear_hessian(s.layer, s.linear), single.profiler->linear_hessian(s.layer, s.linear)));
   }
   EXPECT_EQ(dist.plan.summary.total_bits, single.plan.summary.total_bits);
   EXPECT_EQ(dist.plan.summary.payload_bits, single.plan.summary.payload_bits);
@@ -108,27 +115,35 @@ TEST(MpiQuantize, DistributedRunEqualsOneProcessUpToTheCheckpointBytes) {
   ASSERT_EQ(dist.plan.linears.size(), static_cast<std::size_t>(dist_model.layers().size() * kNumLinears));
   for (const auto& lp : dist.plan.linears) {
     const auto& ref = single.plan.linears[static_cast<std::size_t>(lp.layer * kNumLinears + lp.linear)];
-    EXPECT_TRUE(at::equal(lp.row_bits, ref.row_bits)) << lp.layer << "/" << lp.linear;
+    EXPECT_TRUE(at::equal(lp.row_format, ref.row_format)) << lp.layer << "/" << lp.linear;
     EXPECT_TRUE(at::equal(lp.row_leader, ref.row_leader)) << lp.layer << "/" << lp.linear;
   }
 
   const std::string dir = shared_temp_dir(w);
   const std::vector<ModelFile> files{{"tokenizer.json", R"({"model": {"type": "BPE"}})"}, {"merges.txt", ""}};
-  write_checkpoint(dir + "/dist.h5", dist_model, dist.plan, 32, "{}", at::kFloat, files, w, false);
+  auto hessians = [](const QuantizeRun& run) -> HessianOf {
+    const Profiler* p = run.profiler.get();
+    return [p](std::int64_t l, int i) { return p->linear_hessian(l, i); };
+  };
+  write_checkpoint(dir + "/dist.h5", dist_model, dist.plan, hessians(dist), {}, "{}", at::kFloat, files, w, false);
   if (w.rank() == 0) {
-    write_checkpoint(dir + "/single.h5", whole, single.plan, 32, "{}", at::kFloat, files, local, false);
+    write_checkpoint(dir + "/single.h5", whole, single.plan, hessians(single), {}, "{}", at::kFloat, files, local, false);
     const storage::H5File a = storage::H5File::open_read(dir + "/dist.h5");
     const storage::H5File b = storage::H5File::open_read(dir + "/single.h5");
     int compared = 0;
     test::expect_same_datasets(a, b, "", compared);
-    EXPECT_GT(compared, 3 * kNumLinears * 8);
-    // And the checkpoint stands for what the plan says.
+    EXPECT_GT(compared, 3 * kNumLinears * 7);
+    // And the checkpoint stands for what the plan says, in exactly the bits the solver counted.
     const QuantizedCheckpoint ckpt(dir + "/dist.h5");
+    std::int64_t stored = 0;
     for (const auto& lp : single.plan.linears) {
       const at::Tensor w_lp = whole.decoder()[lp.layer].linears[lp.linear].weight;
+      const at::Tensor h = single.profiler->linear_hessian(lp.layer, lp.linear);
       EXPECT_TRUE(at::equal(ckpt.tensor(hf_linear_name(lp.layer, lp.linear)),
-                            unpack_linear(pack_linear(w_lp, lp.row_bits, lp.row_leader, 32))));
+                            quantize_linear(w_lp, lp, h, QuantizerOptions{}).q.values));
+      stored += ckpt.linear(lp.layer, lp.linear).stored_bits();
     }
+    EXPECT_EQ(stored, single.plan.summary.total_bits);
     const auto kept = ckpt.model_files();
     ASSERT_EQ(kept.size(), 2u);
     EXPECT_EQ(kept[0].name, "merges.txt");
@@ -150,7 +165,7 @@ TEST(MpiQuantize, ExistingOutputIsRefusedOnEveryRank) {
   if (w.rank() == 0) std::ofstream(dir + "/out.h5") << "precious";
   w.barrier();
   Plan empty;
-  EXPECT_CSAQ_ERROR(write_checkpoint(dir + "/out.h5", model, empty, 32, "{}", at::kFloat, {}, w, false), "already exists",
+  EXPECT_CSAQ_ERROR(write_checkpoint(dir + "/out.h5", model, empty, {}, {}, "{}", at::kFloat, {}, w, false), "already exists",
                     "--overwrite");
   w.barrier();
   if (w.rank() == 0) {

@@ -1,8 +1,12 @@
 // Stage tests on one process: salience against Hugging Face gradients, co-activation against
 // brute force, the quantizer and packer against their definitions, the solver's budget.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 #include <set>
+
+#include <torch/csrc/autograd/autograd.h>
 
 #include "csaq/packer/checkpoint.h"
 #include "csaq/profiler/profiler.h"
@@ -34,6 +38,7 @@ TEST(Profiler, SalienceOfOneBatchMatchesTransformersForEveryFixture) {
       const std::string name = hf_linear_name(s.layer, s.linear);
       const at::Tensor grad = ref->tensor("grad." + name), w = profiler.weights(s.layer, s.linear).weight.detach();
       EXPECT_LT(test::rel_error(profiler.salience(s.layer, s.linear, SalienceKind::kCausal), ref->tensor("salience." + name)), 1e-3) << name;
+      EXPECT_LT(test::rel_error(s.grad_sum, grad), 1e-3) << name;
       EXPECT_LT(test::rel_error(profiler.salience(s.layer, s.linear, SalienceKind::kFisher), grad * grad), 2e-3) << name;
       EXPECT_TRUE(at::equal(profiler.salience(s.layer, s.linear, SalienceKind::kMagnitude), w.abs())) << name;
       EXPECT_EQ(s.tokens, ids.numel());
@@ -60,9 +65,11 @@ class ToyCalibration : public ::testing::Test {
       profiler_.observer()(l, i, x, y);
       if (extra) extra(l, i, x, y);
     };
-    TokenSequences data(at::randint(50, {3 * 8}, at::kLong), 8, -1, "random");
-    Pipeline(model_, comm_, PipelineOptions{1, 1}).calibrate(data, profiler_.gradient_callback(), &both);
+    Pipeline(model_, comm_, PipelineOptions{1, 1}).calibrate(data_, profiler_.gradient_callback(), &both);
   }
+
+  // Mean over the micro-batches (one sequence each) of their mean next-token loss.
+  double mean_loss() { return Pipeline(model_, comm_, PipelineOptions{1, 1}).evaluate(data_).mean_nll(); }
 
   template <typename Pairs>
   static std::map<std::string, at::Tensor> as_map(const Pairs& pairs) {
@@ -74,7 +81,105 @@ class ToyCalibration : public ::testing::Test {
   ModelShard model_;
   LocalCommunicator comm_;
   Profiler profiler_;
+  TokenSequences data_{at::randint(50, {3 * 8}, at::kLong), 8, -1, "random"};
 };
+
+TEST_F(ToyCalibration, HessiansAndOutputGradientEnergyEqualADirectComputation) {
+  calibrate();
+  // Directly: every sequence through the layers by hand, keeping each Linear's input and
+  // output, then the gradient of the sequence's mean loss with respect to every output.
+  std::map<std::pair<std::int64_t, int>, at::Tensor> energy, hessian;
+  const PositionTables pos = position_tables(config_, 8, at::kFloat);
+  for (std::int64_t m = 0; m < data_.size(); ++m) {
+    std::vector<std::pair<std::int64_t, int>> keys;
+    std::vector<at::Tensor> outputs;
+    LinearObserver keep = [&](std::int64_t l, int i, const at::Tensor& x, const at::Tensor& y) {
+      keys.emplace_back(l, i);
+      outputs.push_back(y);
+      const at::Tensor xf = x.detach().reshape({-1, x.size(-1)});
+      auto& h = hessian[{l, i}];
+      h = h.defined() ? h + xf.t().matmul(xf) : xf.t().matmul(xf);
+    };
+    at::AutoGradMode grad(true);
+    const at::Tensor ids = data_.batch(m, 1);
+    at::Tensor x = model_.embed(ids);
+    for (std::size_t l = 0; l < model_.decoder().size(); ++l) x = model_.layer_forward(l, x, pos, &keep);
+    const at::Tensor loss = next_token_nll_sum(model_.head(x), ids) / 7.0;
+    const auto grads = torch::autograd::grad({loss}, outputs);
+    for (std::size_t k = 0; k < keys.size(); ++k) {
+      const at::Tensor e = grads[k].reshape({-1, grads[k].size(-1)}).to(at::kDouble).square().sum(0);
+      auto& acc = energy[keys[k]];
+      acc = acc.defined() ? acc + e : e;
+    }
+  }
+  for (const auto& s : profiler_.stats()) {
+    SCOPED_TRACE(hf_linear_name(s.layer, s.linear));
+    EXPECT_LT(test::rel_error(s.out_grad_sq, energy[{s.layer, s.linear}]), 1e-5);
+    EXPECT_LT(test::rel_error(profiler_.linear_hessian(s.layer, s.linear), hessian[{s.layer, s.linear}]), 1e-5);
+  }
+  EXPECT_TRUE(profiler_.linear_hessian(0, 0).is_same(profiler_.linear_hessian(0, 2)));  // q, k, v share one input
+  EXPECT_FALSE(profiler_.linear_hessian(0, 4).is_same(profiler_.linear_hessian(0, 3)));
+  EXPECT_EQ(profiler_.hessian_tokens(1, input_of(6)), data_.tokens());
+}
+
+// Sets every Linear to W + t·deltas (or back to W with t = 0).
+void move_linears(ModelShard& model, const std::vector<at::Tensor>& w0, const std::vector<at::Tensor>& deltas, double t) {
+  std::size_t k = 0;
+  for (const DecoderLayer& layer : model.decoder())
+    for (int i = 0; i < kNumLinears; ++i, ++k) model.set_linear_weight(layer.index, i, w0[k] + t * deltas[k]);
+}
+
+TEST_F(ToyCalibration, TaylorCostPredictsTheLossChangeOfASmallStep) {
+  calibrate();
+  // A small step down the calibration gradient: the first-order term dominates.
+  std::vector<at::Tensor> w0, deltas;
+  double predicted = 0;
+  for (const auto& s : profiler_.stats()) {
+    w0.push_back(profiler_.weights(s.layer, s.linear).weight.detach().clone());
+    deltas.push_back(-0.005 * s.grad_sum / double(s.micro_batches));
+    predicted += profiler_.row_cost(s.layer, s.linear, SalienceKind::kTaylor, deltas.back(), 0).sum().item<double>();
+    EXPECT_TRUE((profiler_.row_cost(s.layer, s.linear, SalienceKind::kHessian, deltas.back(), 0) >= 0).all().item<bool>());
+  }
+  const double before = mean_loss();
+  move_linears(model_, w0, deltas, 1.0);
+  const double actual = mean_loss() - before;
+  move_linears(model_, w0, deltas, 0.0);
+  ASSERT_LT(actual, 0);
+  EXPECT_NEAR(predicted, actual, 0.05 * std::abs(actual));
+}
+
+TEST_F(ToyCalibration, PostQuantizationIntegralSumsToTheLossChangeOfQuantizing) {
+  calibrate();
+  // Every Linear at 3 then at 2 bits (GPTQ): the integral along the straight path, by 3-point
+  // Gauss-Legendre, summed over all rows is L(Q) - L(W).
+  const std::vector<Format> formats{{3, 8}, {2, 8}};
+  auto delta_of = [&](std::int64_t l, int i, std::size_t f) {
+    const at::Tensor w = profiler_.weights(l, i).weight.detach().clone();  // the weights as they are now
+    at::Tensor delta;
+    for_each_format(w, at::arange(w.size(0), at::kLong), profiler_.linear_hessian(l, i), {formats[f]},
+                    QuantizerOptions{}, [&](std::size_t, const Quantized& q) { delta = q.values - w; });
+    return delta;
+  };
+  std::vector<at::Tensor> w0;
+  for (const auto& s : profiler_.stats()) w0.push_back(profiler_.weights(s.layer, s.linear).weight.detach().clone());
+  const double before = mean_loss();
+  profiler_.integrate_pqi(model_, data_, PipelineOptions{1, 1}, formats.size(), 3, delta_of);
+  EXPECT_DOUBLE_EQ(mean_loss(), before);  // the weights are back
+  for (std::size_t f = 0; f < formats.size(); ++f) {
+    std::vector<at::Tensor> deltas;
+    double integral = 0;
+    for (const auto& s : profiler_.stats()) {
+      deltas.push_back(delta_of(s.layer, s.linear, f));
+      integral += s.pqi[static_cast<std::int64_t>(f)].sum().item<double>();
+      EXPECT_TRUE(at::equal(profiler_.row_cost(s.layer, s.linear, SalienceKind::kPqi, {}, f), s.pqi[static_cast<std::int64_t>(f)]));
+    }
+    move_linears(model_, w0, deltas, 1.0);
+    const double actual = mean_loss() - before;
+    move_linears(model_, w0, deltas, 0.0);
+    ASSERT_GT(std::abs(actual), 1e-4);
+    EXPECT_NEAR(integral, actual, 1e-3 * std::abs(actual) + 1e-6) << formats[f].bits << " bits";
+  }
+}
 
 TEST_F(ToyCalibration, ActivationSalienceIsWeightTimesMeanAbsoluteInput) {
   std::map<std::pair<std::int64_t, int>, at::Tensor> inputs;  // independent record of every Linear input
@@ -89,12 +194,12 @@ TEST_F(ToyCalibration, ActivationSalienceIsWeightTimesMeanAbsoluteInput) {
   }
 }
 
-const SalienceKind kAllKinds[] = {SalienceKind::kCausal, SalienceKind::kFisher, SalienceKind::kActivation,
-                                  SalienceKind::kMagnitude};
+const SalienceKind kPerWeightKinds[] = {SalienceKind::kCausal, SalienceKind::kFisher, SalienceKind::kActivation,
+                                        SalienceKind::kMagnitude};
 
 TEST_F(ToyCalibration, RowBlocksAndSampledValuesEqualTheFullSalience) {
   calibrate();
-  for (SalienceKind kind : kAllKinds)
+  for (SalienceKind kind : kPerWeightKinds)
     for (const auto& s : profiler_.stats()) {
       SCOPED_TRACE(std::string(salience_kind_name(kind)) + " " + hf_linear_name(s.layer, s.linear));
       const at::Tensor full = profiler_.salience(s.layer, s.linear, kind);
@@ -212,43 +317,208 @@ TEST(Quantizer, CodesPackDenselyAndRoundTripForEveryWidth) {
   }
   // Little-endian bit order: codes 1,2,3 at 2 bits are 0b111001.
   EXPECT_EQ(pack_codes(at::tensor({1, 2, 3}, at::kLong).view({1, 3}), 2)[0][0].item<int>(), 0b111001);
+  // Bit streams of mixed widths: one continuous stream, padded once.
+  const at::Tensor widths = at::tensor({3, 1, 8, 2, 15, 5}, at::kLong);
+  const at::Tensor values = at::tensor({5, 1, 200, 2, 30000, 17}, at::kLong);
+  const at::Tensor stream = pack_bit_stream(values, widths);
+  EXPECT_EQ(stream.numel(), (3 + 1 + 8 + 2 + 15 + 5 + 7) / 8);
+  EXPECT_TRUE(at::equal(unpack_bit_stream(stream, widths), values));
+  EXPECT_EQ(stream[0].item<int>(), 5 | 1 << 3 | (200 & 0xF) << 4);
 }
 
-TEST(Quantizer, ErrorIsAtMostHalfAStepAndScalesAreFp16) {
-  const at::Tensor w = at::randn({400, 64});  // many groups: fp16 rounding must never clip
+TEST(Quantizer, FormatsAreEveryBitOptionWithEveryGroupOptionOnce) {
+  const auto f = linear_formats(128, {2, 4, 16}, {32, 128, -1});
+  ASSERT_EQ(f.size(), 5u);  // 128 and -1 are both the whole row
+  EXPECT_EQ(f[0], (Format{2, 128}));
+  EXPECT_EQ(f[1], (Format{2, 32}));
+  EXPECT_EQ(f[4], (Format{16, 0}));
+  EXPECT_CSAQ_ERROR(linear_formats(96, {4}, {64}), "does not divide");
+}
+
+TEST(Quantizer, ClipSearchNeverLosesToMinMaxAndScalesAreFp16) {
+  const at::Tensor w = at::randn({200, 64}) * at::rand({1, 64});
+  const at::Tensor c = at::rand({64}) + 0.1;  // column weights (diag H)
+  QuantizerOptions plain;
+  plain.clip_steps = 0;
   for (int bits : {2, 3, 4, 8}) {
-    const GroupParams p = group_params(w, bits, 16);
+    const GroupParams p = group_params(w, bits, 16, c, QuantizerOptions{});
+    const GroupParams m = group_params(w, bits, 16, c, plain);
     EXPECT_TRUE(at::equal(p.scale, p.scale.to(at::kHalf).to(at::kFloat)));
-    const at::Tensor deq = dequantize_rows(quantize_rows(w, p, bits, 16), p, bits, 16);
-    const at::Tensor step = p.scale.repeat_interleave(16, 1);
-    EXPECT_TRUE(((deq - w).abs() <= step * 0.5 + 1e-6).all().item<bool>()) << bits;
-  }
-  EXPECT_TRUE(at::equal(dequantize_rows(quantize_rows(w, {}, 16, 64), {}, 16, 64), w.to(at::kHalf).to(at::kFloat)));
-  EXPECT_CSAQ_ERROR(effective_group(96, 64), "does not divide");
-}
-
-TEST(Packer, UnpackReproducesTheQuantizerExactlyWithFollowersOnTheirLeadersScale) {
-  const at::Tensor w = at::randn({6, 32});
-  const at::Tensor bits = at::tensor({4, 2, 4, 16, 8, 2}, at::kByte);
-  const at::Tensor leader = at::tensor({0, 5, 0, 3, 4, 5}, at::kLong);  // rows 2 -> 0 and 1 -> 5 are followers
-  const PackedLinear p = pack_linear(w, bits, leader, 16);
-  EXPECT_EQ(p.scales.size(0), 3);  // leaders 0, 4, 5 (row 3 is 16-bit)
-  const at::Tensor got = unpack_linear(p);
-  for (std::int64_t r = 0; r < 6; ++r) {
-    const int b = bits[r].item<int>();
-    const at::Tensor row = w.slice(0, r, r + 1);
-    at::Tensor expected;
-    if (b == 16) {
-      expected = row.to(at::kHalf).to(at::kFloat);
-    } else {
-      const GroupParams lp = group_params(w.slice(0, leader[r].item<std::int64_t>(), leader[r].item<std::int64_t>() + 1), b, 16);
-      expected = dequantize_rows(quantize_rows(row, lp, b, 16), lp, b, 16);
+    auto err = [&](const GroupParams& gp) {
+      RowSpec spec{at::full({200}, bits, at::kLong), at::full({200}, 16, at::kLong), gp.scale, gp.zero};
+      return ((quantize_nearest(w, spec).values - w).square() * c).reshape({200, 4, 16}).sum(2);
+    };
+    const at::Tensor clipped = err(p), minmax = err(m);
+    EXPECT_TRUE((clipped <= minmax).all().item<bool>()) << bits;
+    if (bits <= 3) {
+      EXPECT_LT(clipped.sum().item<double>(), 0.95 * minmax.sum().item<double>()) << bits;
     }
-    EXPECT_TRUE(at::equal(got.slice(0, r, r + 1), expected)) << "row " << r;
+    // Min/max ranges: every value within half a step (up to fp16 rounding of the scale).
+    const at::Tensor step = m.scale.repeat_interleave(16, 1);
+    RowSpec spec{at::full({200}, bits, at::kLong), at::full({200}, 16, at::kLong), m.scale, m.zero};
+    EXPECT_TRUE(((quantize_nearest(w, spec).values - w).abs() <= step * 0.5 + step * 2e-3 * (1 << bits)).all().item<bool>())
+        << bits;
   }
 }
 
-// Random Linears with random salience and a few cliques, for solver tests.
+// GPTQ written out as the optimal-brain-surgeon update, in float64: quantize the columns one
+// at a time (in order of decreasing H_jj), spread each one's error over the columns left
+// through the inverse Hessian, then drop the column from the inverse (16-bit rows are only
+// rounded to fp16).
+at::Tensor reference_gptq(const at::Tensor& w0, const RowSpec& spec, const at::Tensor& h0, double damp) {
+  const std::int64_t n = w0.size(0), in = w0.size(1);
+  at::Tensor w = w0.to(at::kDouble).clone(), h = h0.to(at::kDouble).clone();
+  const at::Tensor order = std::get<1>(at::sort(h.diagonal(), /*stable=*/true, 0, /*descending=*/true));
+  h += damp * h.diagonal().mean() * at::eye(in, at::kDouble);
+  at::Tensor hinv = at::inverse(h);
+  at::Tensor q = at::zeros_like(w);
+  for (std::int64_t k = 0; k < in; ++k) {
+    const std::int64_t j = order[k].item<std::int64_t>();
+    for (std::int64_t r = 0; r < n; ++r) {
+      const int b = static_cast<int>(spec.bits[r].item<std::int64_t>());
+      double v = w[r][j].item<double>();
+      if (b == 16) {
+        v = static_cast<double>(at::tensor({v}, at::kDouble).to(at::kHalf).to(at::kFloat).item<float>());
+      } else {
+        const std::int64_t g = j / spec.group[r].item<std::int64_t>();
+        const double s = spec.scale[r][g].item<double>(), z = spec.zero[r][g].item<double>();
+        const double code = std::min(std::max(std::nearbyint(v / s) + z, 0.0), double((1 << b) - 1));
+        v = (code - z) * s;
+      }
+      q[r][j] = v;
+    }
+    // 16-bit rows keep their values: nothing to compensate.
+    const at::Tensor err = at::where(spec.bits == 16, at::zeros({n}, at::kDouble), (w.select(1, j) - q.select(1, j)) / hinv[j][j]);
+    w -= err.unsqueeze(1) * hinv[j].unsqueeze(0);
+    hinv -= hinv.select(1, j).unsqueeze(1) * hinv[j].unsqueeze(0) / hinv[j][j];
+  }
+  return q;
+}
+
+// A Linear [12, 32] with rows in mixed formats, and a Hessian of correlated inputs.
+struct GptqCase {
+  at::Tensor w, h, bits, group, leader;
+  RowSpec spec;
+  GptqCase() {
+    at::manual_seed(17);
+    w = at::randn({12, 32});
+    const at::Tensor x = at::randn({200, 32}).matmul(at::randn({32, 32}) * 0.3 + at::eye(32));
+    h = x.t().matmul(x);
+    bits = at::tensor({2, 2, 3, 3, 4, 4, 8, 16, 2, 4, 3, 16}, at::kLong);
+    group = at::tensor({8, 8, 16, 32, 8, 32, 32, 0, 32, 16, 16, 0}, at::kLong);
+    leader = at::arange(12, at::kLong);
+    spec = make_row_spec(w, bits, group, leader, h.diagonal(), QuantizerOptions{});
+  }
+};
+
+TEST(Gptq, EqualsTheStraightforwardReferenceForMixedFormats) {
+  GptqCase c;
+  QuantizerOptions opt;
+  const Quantized got = quantize_gptq(c.w, c.spec, gptq_factor(c.h, opt), /*block=*/8);
+  const at::Tensor expected = reference_gptq(c.w, c.spec, c.h, opt.damp);
+  EXPECT_LT(test::rel_error(got.values, expected), 1e-5);
+  EXPECT_TRUE(at::equal(dequantize(got.codes, c.spec), got.values));
+  // Blocking is an implementation detail.
+  EXPECT_TRUE(at::allclose(quantize_gptq(c.w, c.spec, gptq_factor(c.h, opt), 128).values, got.values, 1e-5, 1e-6));
+}
+
+TEST(Gptq, WithAnIdentityHessianIsRoundToNearest) {
+  GptqCase c;
+  const Quantized g = quantize_gptq(c.w, c.spec, gptq_factor(at::eye(32), QuantizerOptions{}), 8);
+  const Quantized r = quantize_nearest(c.w, c.spec);
+  EXPECT_TRUE(at::equal(g.codes, r.codes));
+  EXPECT_TRUE(at::equal(g.values, r.values));
+}
+
+TEST(Gptq, LowersTheOutputErrorBelowRoundToNearest) {
+  GptqCase c;
+  auto output_error = [&](const at::Tensor& q) {
+    const at::Tensor d = (q - c.w).to(at::kDouble);
+    return (d.matmul(c.h.to(at::kDouble)) * d).sum().item<double>();  // ‖ΔW X‖²
+  };
+  const Quantized g = quantize_gptq(c.w, c.spec, gptq_factor(c.h, QuantizerOptions{}), 8);
+  EXPECT_LT(output_error(g.values), 0.8 * output_error(quantize_nearest(c.w, c.spec).values));
+}
+
+// Plans for a Linear of `out` rows: formats, row formats, leaders.
+LinearPlan mixed_plan(std::int64_t out, std::int64_t in, std::uint64_t seed) {
+  at::manual_seed(seed);
+  LinearPlan lp;
+  lp.formats = linear_formats(in, {2, 3, 4, 8, 16}, {8, in});
+  lp.row_format = at::randint(0, static_cast<std::int64_t>(lp.formats.size()), {out}, at::kLong).to(at::kByte);
+  lp.row_leader = at::arange(out, at::kLong);
+  // Rows 1 and 2 follow row 0, row 5 follows row 4 (same formats, with scales).
+  lp.row_format[0] = lp.row_format[1] = lp.row_format[2] = 1;
+  lp.row_format[4] = lp.row_format[5] = 5;
+  lp.row_leader[1] = lp.row_leader[2] = 0;
+  lp.row_leader[5] = 4;
+  return lp;
+}
+
+TEST(Packer, UnpackReproducesTheQuantizerExactlyWithFollowersOnTheirLeadersParameters) {
+  const at::Tensor w = at::randn({20, 32});
+  const at::Tensor x = at::randn({100, 32});
+  const at::Tensor h = x.t().matmul(x);
+  const LinearPlan lp = mixed_plan(20, 32, 3);
+  for (const at::Tensor& hessian : {at::Tensor(), h}) {
+    const PackedLinear p = pack_linear(w, lp, hessian, QuantizerOptions{});
+    const QuantizedLinear q = quantize_linear(w, lp, hessian, QuantizerOptions{});
+    EXPECT_TRUE(at::equal(unpack_linear(p), q.q.values));
+    EXPECT_EQ(p.followers, 3);
+    EXPECT_TRUE(at::equal(q.spec.scale[1], q.spec.scale[0]));
+    EXPECT_TRUE(at::equal(q.spec.zero[5], q.spec.zero[4]));
+    const LinearLayout l = decode_layout(p, "test");
+    EXPECT_TRUE(at::equal(l.row_format, lp.row_format.to(at::kLong)));
+    EXPECT_TRUE(at::equal(l.row_leader, lp.row_leader));
+    EXPECT_TRUE(at::equal(l.spec.scale, q.spec.scale.to(at::kHalf).to(at::kFloat)));
+  }
+}
+
+TEST(Packer, StoredBitsAreExactlyWhatTheAccountingCounts) {
+  for (std::uint64_t seed : {1, 2, 3}) {
+    const at::Tensor w = at::randn({20, 40});
+    const LinearPlan lp = mixed_plan(20, 40, seed);
+    const PackedLinear p = pack_linear(w, lp, {}, QuantizerOptions{});
+    EXPECT_EQ(linear_bits(20, 40, lp.formats, lp.row_format, lp.row_leader).total(), p.stored_bits()) << seed;
+  }
+  // One format: no row map at all; units add up to the Linear.
+  LinearPlan one{0, 0, {Format{3, 8}}, at::zeros({20}, at::kByte), at::arange(20, at::kLong)};
+  const PackedLinear p = pack_linear(at::randn({20, 40}), one, {}, QuantizerOptions{});
+  EXPECT_EQ(p.row_format.numel(), 0);
+  // shape, formats, per row 15 code bytes and 5 fp16 scales, 100 3-bit zero-points in one stream.
+  EXPECT_EQ(p.stored_bits(), 8 * (3 * 8 + 2 * 4 + 20 * (15 + 5 * 2) + 38));
+  const std::int64_t units = linear_fixed_bits(1) + 20 * unit_bits(1, 20, 40, 1, Format{3, 8}).total();
+  EXPECT_GE(p.stored_bits() - units, 0);
+  EXPECT_LT(p.stored_bits() - units, 8);  // the zero-point stream's padding
+}
+
+TEST(Packer, CorruptDatasetsAreRefusedNamingThem) {
+  const PackedLinear good = pack_linear(at::randn({20, 32}), mixed_plan(20, 32, 5), {}, QuantizerOptions{});
+  decode_layout(good, "L");
+  PackedLinear p = good;
+  p.codes = p.codes.slice(0, 1);
+  EXPECT_CSAQ_ERROR(decode_layout(p, "L"), "L/codes");
+  p = good;
+  p.formats = p.formats.clone();
+  p.formats[0][0] = 251;
+  EXPECT_CSAQ_ERROR(decode_layout(p, "L"), "L/formats", "251 bits");
+  p = good;
+  p.scales = p.scales.clone();
+  p.scales[0] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_CSAQ_ERROR(decode_layout(p, "L"), "L/scales");
+  p = good;
+  p.followers = 2;  // the pairs stream no longer matches
+  EXPECT_CSAQ_ERROR(decode_layout(p, "L"), "L/follower_pairs");
+  p = good;  // row 2 follows row 1, itself a follower
+  p.follower_pairs = pack_bit_stream(at::tensor({1, 0, 2, 1, 5, 4}, at::kLong), at::full({6}, 5, at::kLong));
+  EXPECT_CSAQ_ERROR(decode_layout(p, "L"), "a leader is itself a follower");
+  p = good;
+  p.zeros = at::cat({p.zeros, at::zeros({1}, at::kByte)});
+  EXPECT_CSAQ_ERROR(decode_layout(p, "L"), "L/zeros");
+}
+
+// Random Linears with random salience and a few cliques, for solver tests; costs are the
+// salience-weighted absolute error.
 std::vector<LinearInput> random_linears(int layers, std::uint64_t seed) {
   at::manual_seed(seed);
   std::vector<LinearInput> out;
@@ -258,30 +528,37 @@ std::vector<LinearInput> random_linears(int layers, std::uint64_t seed) {
       at::Tensor leader = at::arange(rows, at::kLong);
       leader[1] = 0;
       leader[2] = 0;
-      out.push_back({l, i, at::randn({rows, cols}), at::rand({rows, cols}).pow(3), leader});
+      const at::Tensor salience = at::rand({rows, cols}).pow(3);
+      out.push_back({l, i, at::randn({rows, cols}), leader, {},
+                     [salience](const at::Tensor& d, std::size_t) { return (salience * d.abs()).sum(1, false, at::kDouble); }});
     }
   return out;
 }
 
-TEST(Solver, AchievedBitsLieWithinOneUnitBelowTheTarget) {
+TEST(Solver, AchievedBitsLieWithinOneUnitBelowTheTargetAndAreTheStoredBits) {
   LocalCommunicator comm;
   const auto linears = random_linears(2, 7);
-  std::int64_t largest_unit_step = 0;  // one unit's granularity: its biggest jump between options
   for (const std::vector<int>& opts : {std::vector<int>{2, 4, 8, 16}, {2, 3, 4}, {1, 2, 3, 4, 8}}) {
     for (double target : {2.8, 3.3, 3.75, 4.2}) {
       SolverOptions o;
       o.bit_options = opts;
+      o.group_options = {64, 256};
       o.target_bits = target;
-      o.group_size = 64;
       const Plan plan = solve(linears, 2, comm, o);
-      largest_unit_step = 3 * 256 * (opts.back() - opts.front()) + 4 * (kScaleBits + kZeroBits);
+      // One unit's granularity: a 3-row clique's biggest jump between options, plus padding.
+      const std::int64_t largest_unit_step = 3 * 256 * (opts.back() - opts.front()) + 4 * 24 + kPaddingReserveBits * 14;
       const double budget = target * double(plan.summary.weights);
       EXPECT_LE(double(plan.summary.total_bits), budget) << target;
       EXPECT_GE(double(plan.summary.total_bits), budget - double(largest_unit_step)) << target << " " << opts.size();
-      // The summary is a recount of the plan itself.
-      std::int64_t weights = 0;
-      for (const auto& lp : plan.linears) weights += lp.row_bits.numel() * 256;
+      // The summary is a recount of what pack stores.
+      std::int64_t weights = 0, stored = 0;
+      for (const auto& lp : plan.linears) {
+        weights += lp.row_format.numel() * 256;
+        const auto& in = linears[static_cast<std::size_t>(lp.layer * kNumLinears + lp.linear)];
+        stored += pack_linear(in.weight, lp, {}, o.quantizer).stored_bits();
+      }
       EXPECT_EQ(weights, plan.summary.weights);
+      EXPECT_EQ(stored, plan.summary.total_bits) << target;
     }
   }
 }
@@ -289,15 +566,32 @@ TEST(Solver, AchievedBitsLieWithinOneUnitBelowTheTarget) {
 TEST(Solver, MoreSalientUnitsGetMoreBits) {
   LocalCommunicator comm;
   auto linears = random_linears(1, 3);
-  linears[0].salience.slice(0, 5, 6).mul_(1000);  // row 5 matters most
+  const at::Tensor boost = at::ones({8, 1});
+  boost[5] = 1000;  // row 5 matters most
+  const RowCost base = linears[0].cost;
+  linears[0].cost = [base, boost](const at::Tensor& d, std::size_t f) { return base(d, f) * boost.reshape({-1}); };
   SolverOptions o;
   o.bit_options = {2, 4, 8};
+  o.group_options = {64};
   o.target_bits = 3.5;
-  o.group_size = 64;
   const Plan plan = solve(linears, 1, comm, o);
-  const at::Tensor bits = plan.linears[0].row_bits.to(at::kLong);
-  EXPECT_EQ(bits[5].item<std::int64_t>(), bits.max().item<std::int64_t>());
-  EXPECT_TRUE(at::equal(bits.slice(0, 0, 3), bits[0].expand({3})));  // a clique shares its bits
+  const LinearPlan& lp = plan.linears[0];
+  const at::Tensor fmt = lp.row_format.to(at::kLong);
+  EXPECT_EQ(lp.formats[static_cast<std::size_t>(fmt[5].item<std::int64_t>())].bits, 8);
+  EXPECT_TRUE(at::equal(fmt.slice(0, 0, 3), fmt[0].expand({3})));  // a clique shares its format
+}
+
+TEST(Solver, CostsAreOfTheRowsPackWillStore) {
+  // Rows are independent: a row quantized alone in a format (as the solver prices it) is the
+  // row pack stores in a plan of mixed formats.
+  const at::Tensor w = at::randn({20, 32}), x = at::randn({100, 32});
+  const at::Tensor h = x.t().matmul(x);
+  const LinearPlan lp = mixed_plan(20, 32, 9);
+  const QuantizedLinear mixed = quantize_linear(w, lp, h, QuantizerOptions{});
+  for_each_format(w, lp.row_leader, h, lp.formats, QuantizerOptions{}, [&](std::size_t f, const Quantized& q) {
+    const at::Tensor rows = (lp.row_format.to(at::kLong) == static_cast<std::int64_t>(f)).nonzero().reshape({-1});
+    EXPECT_TRUE(at::allclose(q.values.index_select(0, rows), mixed.q.values.index_select(0, rows), 1e-5, 1e-6)) << f;
+  });
 }
 
 TEST(Solver, ThresholdAndUniformStayWithinBudget) {
@@ -307,32 +601,37 @@ TEST(Solver, ThresholdAndUniformStayWithinBudget) {
     SolverOptions o;
     o.kind = kind;
     o.bit_options = {2, 3, 4, 8};
+    o.group_options = {64};
     o.target_bits = 4.0;
-    o.group_size = 64;
     const Plan plan = solve(linears, 2, comm, o);
     EXPECT_LE(double(plan.summary.total_bits), 4.0 * double(plan.summary.weights));
     if (kind == SolverKind::kUniform) {
-      EXPECT_EQ(plan.summary.histogram.size(), 4u);
       std::int64_t used = 0;
       for (const auto& [b, n] : plan.summary.histogram) used += n > 0;
-      EXPECT_EQ(used, 1);  // one width for everything
+      EXPECT_EQ(used, 1);  // one width for everything, and no row maps
+      for (const auto& lp : plan.linears) EXPECT_EQ(lp.formats.size(), 1u);
+      EXPECT_EQ(plan.linears[0].formats[0], (Format{3, 64}));  // 4 bits and scales exceed 4.0
     }
   }
+  SolverOptions o;
+  o.kind = SolverKind::kThreshold;
+  o.group_options = {32, 64};
+  EXPECT_CSAQ_ERROR(solve(linears, 2, comm, o), "--solver threshold takes one group option");
 }
 
 TEST(Solver, ABudgetBelowTheSmallestOptionIsAnError) {
   LocalCommunicator comm;
   SolverOptions o;
   o.bit_options = {2, 4};
-  o.target_bits = 2.1;  // 2-bit codes plus scales and row maps exceed it
-  o.group_size = 64;
+  o.group_options = {64};
+  o.target_bits = 2.1;  // 2-bit codes plus scales and zero-points exceed it
   EXPECT_CSAQ_ERROR(solve(random_linears(1, 1), 1, comm, o), "--target-bits 2.1 is unreachable");
 }
 
 TEST(Solver, UnreachableTargetsAreRefusedUpFront) {
   SolverOptions o;
   o.bit_options = {2, 4};
-  o.group_size = 128;
+  o.group_options = {128};
   o.target_bits = 2.0;  // codes alone take 2 bits; scales and maps push the minimum above
   EXPECT_CSAQ_ERROR(check_target_reachable({{256, 1024}}, o), "--target-bits 2 is unreachable", "cannot go below");
   o.target_bits = 4.5;
@@ -341,6 +640,8 @@ TEST(Solver, UnreachableTargetsAreRefusedUpFront) {
   check_target_reachable({{256, 1024}}, o);
   EXPECT_CSAQ_ERROR(parse_bit_options("2,5"), "5 is not one of");
   EXPECT_EQ(parse_bit_options("8,2,4"), (std::vector<int>{2, 4, 8}));
+  EXPECT_EQ(parse_group_options("128,-1,32"), (std::vector<std::int64_t>{-1, 32, 128}));
+  EXPECT_CSAQ_ERROR(parse_group_options("0"), "--group-options: 0");
 }
 
 }  // namespace

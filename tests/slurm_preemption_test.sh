@@ -22,7 +22,7 @@ cd "$work"
 "$csaq" make-demo --out demo --layers 3 --hidden 64 --intermediate 160 --heads 4 --kv-heads 2 --vocab 260 \
   --tokens 4096 > /dev/null
 args="quantize --model $work/demo --calib $work/demo/calib.txt --samples 24 --seq-len 64 --in-flight 2
-      --checkpoint-every 2 --early-stop-rho 2 --target-bits 5 --bit-options 2,4,8 --group-size 32"
+      --checkpoint-every 2 --early-stop-rho 2 --target-bits 5 --bit-options 2,4,8 --group-options 32"
 
 # The reference: the same job, uninterrupted.
 timeout 120 srun --mpi=pmix -n 2 "$csaq" $args --out "$work/ref.h5" --report "$work/ref.json" > ref.log 2>&1

@@ -59,26 +59,35 @@ int run_inspect(const std::vector<std::string>& args, Communicator& comm) {
   std::printf("%s: csaq checkpoint, format version %lld\n", ckpt_path.c_str(), static_cast<long long>(kCheckpointFormatVersion));
   std::printf("model: %s, %lld layers, hidden %lld, vocab %lld\n", c.model_type.c_str(), static_cast<long long>(c.num_layers),
               static_cast<long long>(c.hidden_size), static_cast<long long>(c.vocab_size));
-  // Recounted from the stored rows, not taken from the report.
-  std::map<int, std::int64_t> weights_at;
-  std::int64_t weights = 0, leaders = 0;
+  // Recounted from the stored datasets, not taken from the report.
+  std::map<std::string, std::int64_t> weights_at;  // "4-bit g128" -> weights
+  std::int64_t weights = 0, leaders = 0, stored = 0;
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    std::int64_t layer_weights = 0;
-    double layer_bits = 0;
+    std::int64_t layer_weights = 0, layer_bits = 0;
     for (int i = 0; i < kNumLinears; ++i) {
       const PackedLinear p = ckpt.linear(l, i);
-      const at::Tensor bits = p.row_bits.to(at::kLong);
-      for (std::int64_t r = 0; r < p.out; ++r) weights_at[static_cast<int>(bits[r].item<std::int64_t>())] += p.in;
-      leaders += (p.row_leader.to(at::kLong) == at::arange(p.out, at::kLong)).sum().item<std::int64_t>();
+      const LinearLayout layout = decode_layout(p, ckpt_path + ": " + hf_linear_name(l, i));
+      const at::Tensor count = at::bincount(layout.row_format, {}, static_cast<std::int64_t>(layout.formats.size()));
+      for (std::size_t f = 0; f < layout.formats.size(); ++f) {
+        const Format& fm = layout.formats[f];
+        char name[48];
+        std::snprintf(name, sizeof(name), fm.bits == 16 ? "%2d-bit fp16" : "%2d-bit g%lld", fm.bits,
+                      static_cast<long long>(fm.group));
+        weights_at[name] += count[static_cast<std::int64_t>(f)].item<std::int64_t>() * p.in;
+      }
+      leaders += (layout.row_leader == at::arange(p.out, at::kLong)).sum().item<std::int64_t>();
       layer_weights += p.out * p.in;
-      layer_bits += bits.sum().item<double>() * double(p.in);
+      layer_bits += p.stored_bits();
     }
     weights += layer_weights;
-    std::printf("layer %3lld: %.3f payload bits per weight\n", static_cast<long long>(l), layer_bits / double(layer_weights));
+    stored += layer_bits;
+    std::printf("layer %3lld: %.3f bits per weight stored\n", static_cast<long long>(l),
+                double(layer_bits) / double(layer_weights));
   }
-  std::printf("decoder weights: %lld in %lld units\n", static_cast<long long>(weights), static_cast<long long>(leaders));
-  for (const auto& [bits, n] : weights_at)
-    std::printf("  %2d bits: %lld weights (%.1f%%)\n", bits, static_cast<long long>(n), 100.0 * double(n) / double(weights));
+  std::printf("decoder weights: %lld in %lld units, %.4f bits per weight stored\n", static_cast<long long>(weights),
+              static_cast<long long>(leaders), double(stored) / double(weights));
+  for (const auto& [name, n] : weights_at)
+    if (n > 0) std::printf("  %s: %lld weights (%.1f%%)\n", name.c_str(), static_cast<long long>(n), 100.0 * double(n) / double(weights));
   const auto report = nlohmann::json::parse(ckpt.report_json());
   if (report.contains("bits"))
     std::printf("report: %.4f total bits per weight, %.4f payload\n", report["bits"]["total_per_weight"].get<double>(),

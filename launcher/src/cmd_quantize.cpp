@@ -4,12 +4,14 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "calibration_checkpoint.h"
 #include "commands.h"
+#include "stages.h"
 #include "csaq/packer/checkpoint.h"
 #include "csaq/profiler/profiler.h"
 #include "csaq/shard/pipeline.h"
@@ -46,10 +48,85 @@ json clique_stats(const Plan& plan, Communicator& comm) {
           {"max_size", largest.item<std::int64_t>()}};
 }
 
+}  // namespace
+
+void FormatArgs::add(po::options_description& o) {
+  o.add_options()
+      ("bit-options", po::value(&bit_options)->default_value(bit_options), "allowed bits per weight, any of 1,2,3,4,8,16")
+      ("group-options", po::value(&group_options)->default_value(group_options), "allowed weights per scale along a row (-1: whole rows); the solver picks one per unit")
+      ("quantizer", po::value(&quantizer)->default_value(quantizer), "gptq (error compensation on the input Hessian) | rtn (round to nearest); both with clip search");
+}
+
+void FormatArgs::apply(SolverOptions& s) const {
+  s.bit_options = parse_bit_options(bit_options);
+  s.group_options = parse_group_options(group_options);
+  if (quantizer != "gptq" && quantizer != "rtn") throw UsageError{"--quantizer must be gptq or rtn"};
+  s.quantizer.gptq = quantizer == "gptq";
+}
+
+json quantizer_json(const QuantizerOptions& q, bool hessian) {
+  return {{"kind", q.gptq ? "gptq" : "rtn"}, {"hessian", hessian}, {"damp", q.damp}, {"act_order", q.act_order},
+          {"block", q.block}, {"clip_steps", q.clip_steps}, {"max_shrink", q.max_shrink}};
+}
+
+QuantizerOptions quantizer_from_json(const json& j) {
+  QuantizerOptions q;
+  q.gptq = j.at("kind") == "gptq";
+  q.damp = j.at("damp");
+  q.act_order = j.at("act_order");
+  q.block = j.at("block");
+  q.clip_steps = j.at("clip_steps");
+  q.max_shrink = j.at("max_shrink");
+  return q;
+}
+
+std::vector<std::pair<int, std::int64_t>> option_pairs(const SolverOptions& s) {
+  std::vector<std::pair<int, std::int64_t>> pairs;
+  for (int b : s.bit_options) {
+    if (b == 16) {
+      pairs.emplace_back(16, 0);
+      continue;
+    }
+    for (std::int64_t g : s.group_options) pairs.emplace_back(b, g);
+  }
+  return pairs;
+}
+
+std::vector<std::size_t> pair_of_format(const std::vector<Format>& formats, std::int64_t in, const SolverOptions& s) {
+  const auto pairs = option_pairs(s);
+  std::vector<std::size_t> out;
+  for (const Format& f : formats) {
+    std::size_t p = 0;
+    while (p < pairs.size() &&
+           !(pairs[p].first == f.bits && (f.bits == 16 || effective_group(in, pairs[p].second) == f.group)))
+      ++p;
+    CSAQ_ASSERT(p < pairs.size());
+    out.push_back(p);
+  }
+  return out;
+}
+
+std::unique_ptr<Profiler> load_profile(const std::string& path, const ModelShard& model, Communicator& comm,
+                                       SalienceKind kind) {
+  const storage::H5File in = storage::H5File::open_read(path);
+  CSAQ_CHECK(in.exists("profile.json"), "'", path, "' is not a csaq salience file (no profile.json)");
+  const json saved = json::parse(in.read_text("profile.json"));
+  ProfilerOptions popt;
+  popt.kind = kind;
+  popt.candidates = saved.at("options").at("candidates");
+  popt.fire_fraction = saved.at("options").at("fire_fraction");
+  auto profiler = std::make_unique<Profiler>(model, comm, popt);
+  profiler->load(in);
+  return profiler;
+}
+
+namespace {
+
 // Options of stage 1.
 struct ProfileArgs {
-  std::string calib, tokenizer, sampling = "random", salience = "causal", checkpoint_dir, resume = "auto", dtype = "auto";
+  std::string calib, tokenizer, sampling = "random", salience = "taylor", checkpoint_dir, resume = "auto", dtype = "auto";
   std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512, checkpoint_every = 32;
+  std::int64_t pqi_samples = 8, pqi_points = 2;
   std::uint64_t seed = 0;
   double rho = 0.98;
 
@@ -61,61 +138,89 @@ struct ProfileArgs {
         ("seed", po::value(&seed)->default_value(seed), "seed of the random calibration windows")
         ("samples", po::value(&samples)->default_value(samples), "calibration sequences")
         ("seq-len", po::value(&seq_len)->default_value(seq_len), "tokens per calibration sequence")
-        ("salience", po::value(&salience)->default_value(salience), "causal | fisher | activation | magnitude")
+        ("salience", po::value(&salience)->default_value(salience), "cost model: taylor | hessian | pqi | causal | fisher | activation | magnitude (docs/method-choices.md)")
+        ("pqi-samples", po::value(&pqi_samples)->default_value(pqi_samples), "--salience pqi: calibration sequences per gradient pass")
+        ("pqi-points", po::value(&pqi_points)->default_value(pqi_points), "--salience pqi: Gauss-Legendre points of the integral (1-3)")
         ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
-        ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once salience's Spearman rho reaches this (> 1: never)")
+        ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once the tracked statistic's Spearman rho reaches this (> 1: never)")
         ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
         ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline")
         ("checkpoint-dir", po::value(&checkpoint_dir), "calibration checkpoints (default: <out>.calib)")
         ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "micro-batches between calibration checkpoints (0: only on SIGUSR1/SIGTERM)")
         ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must")
-        ("dtype", po::value(&dtype)->default_value(dtype), "compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (salience always accumulates in float32)");
+        ("dtype", po::value(&dtype)->default_value(dtype), "compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (statistics always accumulate in float32)");
   }
   // Everything that changes what calibration computes (the world size does not).
-  json fingerprint_options() const {
-    const ProfilerOptions p = options();
+  json fingerprint_options(bool gradients) const {
+    const ProfilerOptions p = options(gradients);
     return {{"salience", salience}, {"candidates", p.candidates}, {"fire_fraction", p.fire_fraction},
             {"early_stop", p.early_stop}, {"rho", p.rho}, {"check_every", p.check_every},
             {"min_sequences", p.min_sequences}, {"sample_per_linear", p.sample_per_linear}, {"sample_seed", p.seed},
             {"samples", samples}, {"seq_len", seq_len}, {"sampling", sampling}, {"seed", seed},
-            {"batch_size", batch_size}, {"in_flight", in_flight}, {"dtype", dtype}};
+            {"batch_size", batch_size}, {"in_flight", in_flight}, {"dtype", dtype}, {"gradients", gradients}};
   }
-  ProfilerOptions options() const {
+  // `gradients` false: forward passes only (GPTQ needs only the input Hessians).
+  ProfilerOptions options(bool gradients) const {
+    if (pqi_samples < 1) throw UsageError{"--pqi-samples must be at least 1"};
+    if (pqi_points < 1 || pqi_points > 3) throw UsageError{"--pqi-points must be 1, 2 or 3"};
     ProfilerOptions p;
     p.kind = parse_salience_kind(salience);
     p.candidates = candidates;
     p.rho = rho;
-    p.early_stop = rho <= 1.0;
+    p.early_stop = gradients && rho <= 1.0;
     return p;
   }
 };
 
 // Options of stage 2.
 struct SolveArgs {
-  std::string bit_options = "2,4,8,16", solver = "lagrangian", target_kind = "total";
+  std::string solver = "lagrangian", target_kind = "total";
   double target = 0, clique_threshold = 0.85;
-  std::int64_t group_size = 128;
 
   void add(po::options_description& o) {
     o.add_options()
         ("target-bits", po::value(&target)->required(), "average bits per decoder weight")
-        ("target", po::value(&target_kind)->default_value(target_kind), "what --target-bits counts: total (codes + scales, zero-points, maps) or payload (codes only)")
-        ("bit-options", po::value(&bit_options)->default_value(bit_options), "allowed bits, any of 1,2,3,4,8,16")
-        ("group-size", po::value(&group_size)->default_value(group_size), "weights per scale along the input dimension (-1: whole row)")
+        ("target", po::value(&target_kind)->default_value(target_kind), "what --target-bits counts: total (everything stored) or payload (codes only)")
         ("clique-threshold", po::value(&clique_threshold)->default_value(clique_threshold), "Jaccard similarity that joins a channel to a clique")
         ("solver", po::value(&solver)->default_value(solver), "lagrangian | threshold");
   }
-  SolverOptions options(bool rtn) const {
+  // `method`: csaq (mixed formats), gptq or rtn (uniform).
+  SolverOptions options(const std::string& method, const FormatArgs& formats) const {
     if (target_kind != "total" && target_kind != "payload") throw UsageError{"--target must be total or payload"};
     SolverOptions s;
-    s.kind = rtn ? SolverKind::kUniform : parse_solver_kind(solver);
-    s.bit_options = parse_bit_options(bit_options);
+    formats.apply(s);
+    s.kind = method == "csaq" ? parse_solver_kind(solver) : SolverKind::kUniform;
+    if (method == "gptq") {
+      if (formats.quantizer != "gptq") throw UsageError{"--method gptq quantizes with GPTQ; drop --quantizer " + formats.quantizer};
+      s.quantizer.gptq = true;
+    }
+    if (method == "rtn") s.quantizer.gptq = false;
     s.target_bits = target;
     s.target_is_total = target_kind == "total";
-    s.group_size = group_size;
     return s;
   }
 };
+
+// The post-quantization integral of every row in every option pair; Δ: the Linear's rows
+// quantized in that format, each on its own parameters, as pack's quantizer would.
+void pqi_stage(ModelShard& model, Profiler& profiler, const TokenSequences& data, const ProfileArgs& a,
+               const SolverOptions& sopt, Communicator& comm) {
+  const auto pairs = option_pairs(sopt);
+  const std::int64_t n = std::min(a.pqi_samples, data.size());
+  const TokenSequences subset(data.batch(0, n).reshape({-1}), data.seq_len(), -1, data.source());
+  ProgressMeter progress("pqi", "passes", static_cast<std::int64_t>(pairs.size()) * a.pqi_points, comm.rank() == 0);
+  GptqFactorCache cache;
+  auto delta_of = [&](std::int64_t layer, int linear, std::size_t p) {
+    const at::Tensor w = profiler.weights(layer, linear).weight.detach().to(at::kFloat);
+    const Format f{pairs[p].first, pairs[p].first == 16 ? 0 : effective_group(w.size(1), pairs[p].second)};
+    at::Tensor delta;
+    for_each_format(w, at::arange(w.size(0), at::kLong), profiler.linear_hessian(layer, linear), {f}, sopt.quantizer,
+                    [&](std::size_t, const Quantized& q) { delta = q.values - w; }, cache);
+    return delta;
+  };
+  profiler.integrate_pqi(model, subset, PipelineOptions{a.batch_size, a.in_flight, true}, pairs.size(),
+                         static_cast<int>(a.pqi_points), delta_of, progress.callback());
+}
 
 // Refuses a bad target from the config alone, before loading weights or calibrating.
 void check_target(const ModelConfig& config, const SolverOptions& sopt) {
@@ -142,18 +247,19 @@ void check_outputs(bool overwrite, std::initializer_list<std::string> paths,
 }
 
 // Stage 1 on every rank, resuming from `checkpoints`' newest checkpoint as --resume says;
-// returns the report fragment.
-json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArgs& a, const std::string& model_dir,
-                   const std::string& out, Communicator& comm, std::unique_ptr<CalibrationCheckpointer>& checkpoints) {
+// `gradients` false runs forward passes only. Returns the report fragment.
+json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, bool gradients,
+                   const SolverOptions& sopt, const std::string& model_dir, const std::string& out, Communicator& comm,
+                   std::unique_ptr<CalibrationCheckpointer>& checkpoints) {
   const auto t = Clock::now();
   TokenSequences data = load_sequences(a.calib, tokenizer_in(a.tokenizer.empty() ? model_dir : a.tokenizer), a.seq_len, a.samples,
                                        parse_sampling(a.sampling), a.seed);
   data.check_vocabulary(model.config().vocab_size);
   checkpoints = std::make_unique<CalibrationCheckpointer>(
       a.checkpoint_dir.empty() ? out + ".calib" : a.checkpoint_dir, a.checkpoint_every,
-      calibration_fingerprint(model_dir, data, a.fingerprint_options()), comm);
+      calibration_fingerprint(model_dir, data, a.fingerprint_options(gradients)), comm);
   const ResumePoint start = checkpoints->resume(a.resume, profiler);
-  Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight});
+  Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight, gradients});
   ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0, 1.0,
                          start.micro_batch);
   const LossTotals totals =
@@ -168,34 +274,52 @@ json profile_stage(const ModelShard& model, Profiler& profiler, const ProfileArg
     const auto& last = profiler.early_stop_checks();
     std::fprintf(stderr, "[profile] %s %lld of %lld sequences", profiler.stopped_early() ? "stopped early after" : "used",
                  static_cast<long long>(totals.sequences), static_cast<long long>(data.size()));
-    if (!last.empty()) std::fprintf(stderr, "; salience rank correlation %.4f (stop at %.4f)", last.back().rho, a.rho);
+    if (!last.empty()) std::fprintf(stderr, "; rank correlation %.4f (stop at %.4f)", last.back().rho, a.rho);
     std::fprintf(stderr, "\n");
   }
-  return {{"salience", a.salience},
-          {"early_stop", {{"sequences_used", totals.sequences},
-                          {"sequences_available", data.size()},
-                          {"stopped_early", profiler.stopped_early()},
-                          {"rho", profiler.early_stop_checks().empty() ? json(nullptr) : json(profiler.early_stop_checks().back().rho)},
-                          {"rho_threshold", a.rho},
-                          {"checks", checks}}},
-          {"calibration", {{"data", a.calib}, {"seq_len", a.seq_len}, {"sampling", a.sampling}, {"seed", a.seed},
-                           {"mean_nll", totals.mean_nll()},
-                           {"tokens", totals.sequences * a.seq_len}}},
-          {"agreement_top5", top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm)},
-          {"profile_s", seconds_since(t)}};
+  json part = {{"salience", a.salience},
+               {"gradients", gradients},
+               {"early_stop", {{"sequences_used", totals.sequences},
+                               {"sequences_available", data.size()},
+                               {"stopped_early", profiler.stopped_early()},
+                               {"rho", profiler.early_stop_checks().empty() ? json(nullptr) : json(profiler.early_stop_checks().back().rho)},
+                               {"rho_threshold", a.rho},
+                               {"checks", checks}}},
+               {"calibration", {{"data", a.calib}, {"seq_len", a.seq_len}, {"sampling", a.sampling}, {"seed", a.seed},
+                                {"mean_nll", totals.mean_nll()},
+                                {"tokens", totals.sequences * a.seq_len}}}};
+  if (gradients)
+    part["agreement_top5"] = top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm);
+  if (profiler.options().kind == SalienceKind::kPqi) {
+    checkpoints->stop_if_preempted(profiler);
+    const auto tp = Clock::now();
+    pqi_stage(model, profiler, data, a, sopt, comm);
+    part["pqi"] = {{"bit_options", sopt.bit_options}, {"group_options", sopt.group_options},
+                   {"quantizer", quantizer_json(sopt.quantizer, true)}, {"sequences", std::min(a.pqi_samples, data.size())},
+                   {"points", a.pqi_points}, {"time_s", seconds_since(tp)}};
+  }
+  part["profile_s"] = seconds_since(t);
+  return part;
 }
 
-// Stage 2 on every rank: units from the profiler's cliques (none for rtn), then the solver.
+// Stage 2 on every rank: units from the profiler's cliques (none for the uniform methods),
+// each format's rows quantized as pack will, costs from the profiler's cost model.
 Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind kind, const SolverOptions& sopt,
                  double clique_threshold, Communicator& comm, json& report) {
   const auto t = Clock::now();
+  const bool uniform = sopt.kind == SolverKind::kUniform;
   std::vector<LinearInput> inputs;
   for (const DecoderLayer& layer : model.decoder())
     for (int i = 0; i < kNumLinears; ++i) {
-      LinearInput in{layer.index, i, layer.linears[i].weight.detach(), {}, {}};
-      if (profiler != nullptr) {
-        in.salience = profiler->salience(layer.index, i, kind);
+      LinearInput in{layer.index, i, layer.linears[i].weight.detach(), {}, {}, {}};
+      const std::int64_t cols = in.weight.size(1);
+      if (profiler != nullptr) in.hessian = profiler->linear_hessian(layer.index, i);
+      if (profiler != nullptr && !uniform) {
         in.row_leader = profiler->row_leaders(layer.index, i, clique_threshold);
+        const auto pair = pair_of_format(linear_formats(cols, sopt.bit_options, sopt.group_options), cols, sopt);
+        in.cost = [profiler, kind, pair, l = layer.index, i](const at::Tensor& delta, std::size_t f) {
+          return profiler->row_cost(l, i, kind, delta, kind == SalienceKind::kPqi ? pair[f] : f);
+        };
       } else {
         in.row_leader = at::arange(in.weight.size(0), at::kLong);
       }
@@ -208,24 +332,30 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
     std::fprintf(stderr, "[solve] %lld units, %.4f total bits per weight (%.4f payload), target %.4f %s\n",
                  static_cast<long long>(s.units), s.total_per_weight(), s.payload_per_weight(), sopt.target_bits,
                  sopt.target_is_total ? "total" : "payload");
-  json histogram = json::object();
+  json histogram = json::object(), formats = json::object();
   for (const auto& [bits, weights] : s.histogram) histogram[std::to_string(bits)] = weights;
+  for (const auto& [f, weights] : s.format_histogram)
+    if (weights > 0) formats[f.bits == 16 ? "16" : std::to_string(f.bits) + "/g" + std::to_string(f.group)] = weights;
   report["bits"] = {{"target", sopt.target_bits},
                     {"target_counts", sopt.target_is_total ? "total" : "payload"},
                     {"total_per_weight", s.total_per_weight()},
                     {"payload_per_weight", s.payload_per_weight()},
                     {"histogram", histogram},
+                    {"format_histogram", formats},
                     {"per_layer_total", s.layer_total_bits},
                     {"weights", s.weights},
                     {"total_bits", s.total_bits},
                     {"budget_bits", s.budget_bits},
                     {"options", sopt.bit_options},
-                    {"group_size", sopt.group_size}};
+                    {"group_options", sopt.group_options}};
   const ModelConfig& c = model.config();
   const std::uint64_t vh = static_cast<std::uint64_t>(c.vocab_size) * c.hidden_size;
   report["unquantized"] = {{"embedding_and_lm_head_parameters", c.tie_word_embeddings ? vh : 2 * vh},
                            {"bits", c10::elementSize(checkpoint_dtype(c)) * 8}};
-  report["solver"] = {{"kind", solver_kind_name(sopt.kind)}, {"lambda", s.lambda}, {"units", s.units}};
+  report["quantizer"] = quantizer_json(sopt.quantizer, profiler != nullptr);
+  report["solver"] = {{"kind", solver_kind_name(sopt.kind)}, {"lambda", s.lambda}, {"units", s.units},
+                      {"cost", uniform ? json(nullptr) : json(salience_kind_name(kind))},
+                      {"predicted_cost", s.predicted_cost}};
   report["cliques"] = clique_stats(plan, comm);
   report["cliques"]["threshold"] = clique_threshold;
   report["time_s"]["solve"] = seconds_since(t);
@@ -233,11 +363,14 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
 }
 
 void pack_stage(const std::string& out, const std::string& model_dir, const ModelShard& model, const Plan& plan,
-                std::int64_t group_size, json& report, const std::string& report_path, bool overwrite,
-                Communicator& comm, Clock::time_point start) {
+                const Profiler* profiler, const QuantizerOptions& quantizer, json& report,
+                const std::string& report_path, bool overwrite, Communicator& comm, Clock::time_point start) {
   const auto t = Clock::now();
   ProgressMeter progress("pack", "linears", static_cast<std::int64_t>(plan.linears.size()), comm.rank() == 0);
-  write_checkpoint(out, model, plan, group_size, report.dump(2), checkpoint_dtype(model.config()),
+  HessianOf hessian_of;
+  if (profiler != nullptr)
+    hessian_of = [profiler](std::int64_t l, int i) { return profiler->linear_hessian(l, i); };
+  write_checkpoint(out, model, plan, hessian_of, quantizer, report.dump(2), checkpoint_dtype(model.config()),
                    read_model_files(model_dir, comm), comm, overwrite, progress.callback());
   report["time_s"]["pack"] = seconds_since(t);
   report["time_s"]["total"] = seconds_since(start);
@@ -258,27 +391,30 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   std::string model_dir, out, report_path, method = "csaq";
   int threads = 0;
   ProfileArgs pa;
+  FormatArgs fa;
   SolveArgs sa;
   po::options_description options("csaq quantize options");
   options.add_options()("model", po::value(&model_dir)->required(), "Hugging Face model directory");
   pa.add(options);
+  fa.add(options);
   sa.add(options);
   options.add_options()
-      ("method", po::value(&method)->default_value(method), "csaq (salience-driven bits) | rtn (uniform round-to-nearest, no calibration)")
+      ("method", po::value(&method)->default_value(method), "csaq (mixed formats by the cost model) | gptq (uniform GPTQ, forward passes only) | rtn (uniform round-to-nearest, no calibration)")
       ("out", po::value(&out)->required(), "checkpoint to write (HDF5)")
       ("report", po::value(&report_path), "also write the JSON report here")
       ("overwrite", "replace existing --out / --report")
       ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
   po::variables_map vm;
   if (!parse_options("quantize", options, args, vm, comm)) return 0;
-  if (method != "csaq" && method != "rtn") throw UsageError{"--method must be csaq or rtn"};
-  if (method == "csaq" && pa.calib.empty()) throw UsageError{"--calib is required for --method csaq"};
-  const bool overwrite = vm.count("overwrite") > 0, rtn = method == "rtn";
+  if (method != "csaq" && method != "rtn" && method != "gptq") throw UsageError{"--method must be csaq, gptq or rtn"};
+  const bool rtn = method == "rtn", gradients = method == "csaq";
+  if (!rtn && pa.calib.empty()) throw UsageError{"--calib is required for --method " + method};
+  const bool overwrite = vm.count("overwrite") > 0;
   check_outputs(overwrite, {out, report_path}, {model_dir, pa.calib, pa.tokenizer});
   set_threads(threads, comm);
   const auto start = Clock::now();
-  const SolverOptions sopt = sa.options(rtn);
-  const ProfilerOptions popt = pa.options();
+  const SolverOptions sopt = sa.options(method, fa);
+  const ProfilerOptions popt = pa.options(gradients);
   if (!rtn) install_preemption_handlers();  // calibration can stop and resume; RTN simply restarts
   const ModelConfig config = ModelConfig::load(model_dir);
   check_target(config, sopt);
@@ -290,7 +426,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   Profiler profiler(model, comm, popt);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
   if (!rtn) {
-    json part = profile_stage(model, profiler, pa, model_dir, out, comm, checkpoints);
+    json part = profile_stage(model, profiler, pa, gradients, sopt, model_dir, out, comm, checkpoints);
     report["time_s"]["profile"] = part["profile_s"];
     part.erase("profile_s");
     report.update(part);
@@ -298,7 +434,8 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   }
   const Plan plan = solve_stage(model, rtn ? nullptr : &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
   if (checkpoints) checkpoints->stop_if_preempted(profiler);
-  pack_stage(out, model_dir, model, plan, sopt.group_size, report, report_path, overwrite, comm, start);
+  pack_stage(out, model_dir, model, plan, rtn ? nullptr : &profiler, sopt.quantizer, report, report_path, overwrite,
+             comm, start);
   if (checkpoints) checkpoints->remove_all();
   return 0;
 }
@@ -307,9 +444,11 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   std::string model_dir, out;
   int threads = 0;
   ProfileArgs pa;
+  FormatArgs fa;
   po::options_description options("csaq profile options");
   options.add_options()("model", po::value(&model_dir)->required(), "Hugging Face model directory");
   pa.add(options);
+  fa.add(options);  // the formats the post-quantization integral (--salience pqi) is computed for
   options.add_options()
       ("out", po::value(&out)->required(), "salience file to write (HDF5)")
       ("overwrite", "replace an existing --out")
@@ -320,13 +459,16 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   const bool overwrite = vm.count("overwrite") > 0;
   check_outputs(overwrite, {out}, {model_dir, pa.calib, pa.tokenizer});
   set_threads(threads, comm);
+  SolverOptions sopt;
+  fa.apply(sopt);
+  const ProfilerOptions popt = pa.options(true);
   install_preemption_handlers();
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(),
                                       compute_dtype(pa.dtype, ModelConfig::load(model_dir)));
-  Profiler profiler(model, comm, pa.options());
+  Profiler profiler(model, comm, popt);
   json report = base_report("profile", model_dir, comm);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
-  report.update(profile_stage(model, profiler, pa, model_dir, out, comm, checkpoints));
+  report.update(profile_stage(model, profiler, pa, true, sopt, model_dir, out, comm, checkpoints));
   write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { profiler.save(f, comm, report.dump()); });
   checkpoints->remove_all();
   if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
@@ -336,13 +478,15 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
 int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   std::string model_dir, profile_path, out;
   int threads = 0;
+  FormatArgs fa;
   SolveArgs sa;
-  std::string salience = "causal";
+  std::string salience = "taylor";
   po::options_description options("csaq solve options");
   options.add_options()
       ("model", po::value(&model_dir)->required(), "Hugging Face model directory the salience file was made for")
       ("profile", po::value(&profile_path)->required(), "salience file from csaq profile")
-      ("salience", po::value(&salience)->default_value(salience), "causal | fisher | activation | magnitude");
+      ("salience", po::value(&salience)->default_value(salience), "cost model: taylor | hessian | pqi | causal | fisher | activation | magnitude");
+  fa.add(options);
   sa.add(options);
   options.add_options()
       ("out", po::value(&out)->required(), "plan file to write (HDF5)")
@@ -354,24 +498,27 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   check_outputs(overwrite, {out}, {model_dir, profile_path});
   set_threads(threads, comm);
   const auto start = Clock::now();
-  const SolverOptions sopt = sa.options(false);
+  const SolverOptions sopt = sa.options("csaq", fa);
+  const SalienceKind kind = parse_salience_kind(salience);
   check_target(ModelConfig::load(model_dir), sopt);
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
-  const storage::H5File in = storage::H5File::open_read(profile_path);
-  const json saved = json::parse(in.read_text("profile.json"));
-  ProfilerOptions popt;
-  popt.kind = parse_salience_kind(salience);
-  popt.candidates = saved["options"]["candidates"];
-  popt.fire_fraction = saved["options"]["fire_fraction"];
-  Profiler profiler(model, comm, popt);
-  profiler.load(in);
+  const json saved = json::parse(storage::H5File::open_read(profile_path).read_text("profile.json"));
+  if (kind == SalienceKind::kPqi) {
+    CSAQ_CHECK(saved.contains("pqi"), "salience file '", profile_path,
+               "' holds no post-quantization integral; profile with --salience pqi");
+    CSAQ_CHECK(saved["pqi"]["bit_options"] == json(sopt.bit_options) && saved["pqi"]["group_options"] == json(sopt.group_options),
+               "salience file '", profile_path, "' has the post-quantization integral for --bit-options ",
+               saved["pqi"]["bit_options"].dump(), " --group-options ", saved["pqi"]["group_options"].dump(),
+               "; solve with those");
+  }
+  std::unique_ptr<Profiler> profiler = load_profile(profile_path, model, comm, kind);
   json report = base_report("quantize", model_dir, comm);
   report["method"] = "csaq";
-  for (const char* key : {"early_stop", "calibration", "agreement_top5"})
+  for (const char* key : {"early_stop", "calibration", "agreement_top5", "pqi"})
     if (saved.contains(key)) report[key] = saved[key];
   report["salience"] = salience;
   report["time_s"]["profile"] = saved.value("profile_s", 0.0);
-  const Plan plan = solve_stage(model, &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
+  const Plan plan = solve_stage(model, profiler.get(), kind, sopt, sa.clique_threshold, comm, report);
   report["time_s"]["total"] = seconds_since(start);
   write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { save_plan(f, plan, model.config(), report.dump(2), comm); });
   if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
@@ -379,12 +526,13 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
 }
 
 int run_pack(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_dir, plan_path, out, report_path;
+  std::string model_dir, plan_path, profile_path, out, report_path;
   int threads = 0;
   po::options_description options("csaq pack options");
   options.add_options()
       ("model", po::value(&model_dir)->required(), "Hugging Face model directory the plan was made for")
       ("plan", po::value(&plan_path)->required(), "plan file from csaq solve")
+      ("profile", po::value(&profile_path), "salience file the plan was solved from (its input Hessians drive the quantizer)")
       ("out", po::value(&out)->required(), "checkpoint to write (HDF5)")
       ("report", po::value(&report_path), "also write the JSON report here")
       ("overwrite", "replace existing --out / --report")
@@ -392,7 +540,7 @@ int run_pack(const std::vector<std::string>& args, Communicator& comm) {
   po::variables_map vm;
   if (!parse_options("pack", options, args, vm, comm)) return 0;
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(overwrite, {out, report_path}, {model_dir, plan_path});
+  check_outputs(overwrite, {out, report_path}, {model_dir, plan_path, profile_path});
   set_threads(threads, comm);
   const auto start = Clock::now();
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
@@ -400,8 +548,14 @@ int run_pack(const std::vector<std::string>& args, Communicator& comm) {
   const Plan plan = load_plan(in, model.config(), model.layers().begin, model.layers().end);
   json report = json::parse(in.read_text("report.json"));
   report["world_size"] = comm.size();
-  pack_stage(out, model_dir, model, plan, report["bits"]["group_size"].get<std::int64_t>(), report, report_path,
-             overwrite, comm, start);
+  const QuantizerOptions quantizer = quantizer_from_json(report.at("quantizer"));
+  std::unique_ptr<Profiler> profiler;
+  if (report["quantizer"].value("hessian", false)) {
+    if (profile_path.empty())
+      throw UsageError{"the plan was solved with the input Hessians of a salience file; pass it as --profile"};
+    profiler = load_profile(profile_path, model, comm, SalienceKind::kCausal);
+  }
+  pack_stage(out, model_dir, model, plan, profiler.get(), quantizer, report, report_path, overwrite, comm, start);
   return 0;
 }
 

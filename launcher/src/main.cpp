@@ -35,6 +35,7 @@ const char* kUsage =
     "  eval       perplexity of a model (or of a quantized checkpoint) on a token file\n"
     "  export     write a quantized checkpoint as a dequantized Hugging Face model\n"
     "  inspect    summarize a quantized checkpoint\n"
+    "  check-costs  how well each cost model predicts the loss change of quantizing a unit\n"
     "  make-demo  write a small random Llama checkpoint and token file (no downloads)\n"
     "\n"
     "Run under mpirun/srun to shard the model's layers across ranks.\n"
@@ -144,6 +145,7 @@ int main(int argc, char** argv) {
     if (command == "pack") return csaq::cli::run_pack(args, *comm);
     if (command == "export") return csaq::cli::run_export(args, *comm);
     if (command == "inspect") return csaq::cli::run_inspect(args, *comm);
+    if (command == "check-costs") return csaq::cli::run_check_costs(args, *comm);
     throw csaq::cli::UsageError{"unknown command '" + command + "'"};
   } catch (const csaq::cli::Preempted& p) {
     if (rank == 0)

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <array>
+#include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -11,22 +13,39 @@
 
 namespace csaq {
 
+namespace {
+constexpr std::array<const char*, kNumInputs> kInputNames{"qkv", "o", "gate_up", "down"};
+constexpr std::array<int, kNumInputs> kFirstReader{0, 3, 4, 6};
+}  // namespace
+
 SalienceKind parse_salience_kind(const std::string& name) {
-  if (name == "causal") return SalienceKind::kCausal;
-  if (name == "fisher") return SalienceKind::kFisher;
-  if (name == "activation") return SalienceKind::kActivation;
-  if (name == "magnitude") return SalienceKind::kMagnitude;
-  CSAQ_FAIL("unknown salience '", name, "' (choose causal, fisher, activation or magnitude)");
+  for (SalienceKind k : {SalienceKind::kTaylor, SalienceKind::kHessian, SalienceKind::kPqi, SalienceKind::kCausal,
+                         SalienceKind::kFisher, SalienceKind::kActivation, SalienceKind::kMagnitude})
+    if (name == salience_kind_name(k)) return k;
+  CSAQ_FAIL("unknown salience '", name, "' (choose taylor, hessian, pqi, causal, fisher, activation or magnitude)");
 }
 
 const char* salience_kind_name(SalienceKind kind) {
   switch (kind) {
+    case SalienceKind::kTaylor: return "taylor";
+    case SalienceKind::kHessian: return "hessian";
+    case SalienceKind::kPqi: return "pqi";
     case SalienceKind::kCausal: return "causal";
     case SalienceKind::kFisher: return "fisher";
     case SalienceKind::kActivation: return "activation";
     case SalienceKind::kMagnitude: return "magnitude";
   }
   return "?";
+}
+
+bool is_per_weight(SalienceKind kind) {
+  return kind == SalienceKind::kCausal || kind == SalienceKind::kFisher || kind == SalienceKind::kActivation ||
+         kind == SalienceKind::kMagnitude;
+}
+
+int input_of(int linear) {
+  static constexpr std::array<int, kNumLinears> kInput{0, 0, 0, 1, 2, 2, 3};
+  return kInput.at(static_cast<std::size_t>(linear));
 }
 
 Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions options)
@@ -36,43 +55,113 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       const at::Tensor& w = layer.linears[i].weight;
       const std::int64_t out = w.size(0), in = w.size(1);
       stats_.push_back(LinearStats{layer.index, i, at::zeros({out, in}, at::kFloat), at::zeros({out, in}, at::kFloat),
-                                   at::zeros({in}, at::kDouble), 0, 0,
+                                   at::zeros({out, in}, at::kFloat), at::zeros({out}, at::kDouble),
+                                   at::zeros({in}, at::kDouble), at::Tensor(), 0, 0,
                                    CoActivation(out, options_.candidates, options_.fire_fraction)});
       // The same weights are sampled for a Linear whatever rank holds it.
       at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
           options_.seed + static_cast<std::uint64_t>(layer.index * kNumLinears + i));
       sample_index_.push_back(at::randint(out * in, {options_.sample_per_linear}, gen, at::kLong));
     }
+    for (int k = 0; k < kNumInputs; ++k) {
+      const std::int64_t in = layer.linears[kFirstReader[k]].weight.size(1);
+      hessian_.push_back(at::zeros({in, in}, at::kFloat));
+      hessian_tokens_.push_back(0);
+    }
   }
   observer_ = [this](std::int64_t layer, int linear, const at::Tensor& input, const at::Tensor& output) {
-    LinearStats& s = stats_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumLinears + linear)];
-    const at::Tensor x = input.detach();
-    s.input_abs_sum += x.reshape({-1, x.size(-1)}).abs().sum(0, /*keepdim=*/false, at::kDouble);
-    s.tokens += x.numel() / x.size(-1);
+    LinearStats& s = stats_[index(layer, linear)];
+    const at::Tensor x = input.detach().reshape({-1, input.size(-1)});
+    s.input_abs_sum += x.abs().sum(0, /*keepdim=*/false, at::kDouble);
+    s.tokens += x.size(0);
     s.coact.observe(output);
+    const int k = input_of(linear);
+    if (kFirstReader[k] == linear) {
+      const std::size_t h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + k);
+      const at::Tensor xf = x.to(at::kFloat);
+      hessian_[h].addmm_(xf.t(), xf);
+      hessian_tokens_[h] += x.size(0);
+    }
+    // The output gradient of this micro-batch's loss, when the backward pass reaches it.
+    if (output.requires_grad()) {
+      at::Tensor* energy = &s.out_grad_sq;
+      output.register_hook([energy](const at::Tensor& g) {
+        energy->add_(g.detach().reshape({-1, g.size(-1)}).to(at::kDouble).square().sum(0));
+      });
+    }
   };
 }
 
-const LinearStats& Profiler::stats(std::int64_t layer, int linear) const {
+std::size_t Profiler::index(std::int64_t layer, int linear) const {
   CSAQ_ASSERT(model_.layers().contains(layer), "layer ", layer, " is not on rank ", model_.rank());
-  return stats_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumLinears + linear)];
+  return static_cast<std::size_t>((layer - model_.layers().begin) * kNumLinears + linear);
 }
+
+const LinearStats& Profiler::stats(std::int64_t layer, int linear) const { return stats_[index(layer, linear)]; }
 
 const Linear& Profiler::weights(std::int64_t layer, int linear) const {
   return model_.decoder()[static_cast<std::size_t>(layer - model_.layers().begin)].linears[linear];
 }
 
+const at::Tensor& Profiler::hessian(std::int64_t layer, int input) const {
+  CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs);
+  return hessian_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input)];
+}
+
+std::int64_t Profiler::hessian_tokens(std::int64_t layer, int input) const {
+  CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs);
+  return hessian_tokens_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input)];
+}
+
 GradientCallback Profiler::gradient_callback() {
   return [this](const LayerGradients& g) {
     for (int i = 0; i < kNumLinears; ++i) {
-      LinearStats& s = stats_[static_cast<std::size_t>((g.layer->index - model_.layers().begin) * kNumLinears + i)];
+      LinearStats& s = stats_[index(g.layer->index, i)];
       const at::Tensor grad = g.weight_grads[i].to(at::kFloat);
       const at::Tensor w = g.layer->linears[i].weight.detach().to(at::kFloat);
+      s.grad_sum.add_(grad);
       s.causal.add_((grad * w).abs_());
       s.fisher.addcmul_(grad, grad);
       ++s.micro_batches;
     }
   };
+}
+
+void Profiler::integrate_pqi(ModelShard& model, const TokenSequences& data, const PipelineOptions& options,
+                             std::size_t formats, int points, const DeltaOf& delta_of, const ProgressCallback& progress) {
+  CSAQ_ASSERT(&model == &model_ && options.backward);
+  CSAQ_CHECK(points >= 1 && points <= 3, "the post-quantization integral takes 1, 2 or 3 points, not ", points);
+  std::vector<std::pair<double, double>> rule;  // Gauss-Legendre on [0, 1]: point, weight
+  if (points == 1) rule = {{0.5, 1.0}};
+  if (points == 2) rule = {{0.5 - 0.5 / std::sqrt(3.0), 0.5}, {0.5 + 0.5 / std::sqrt(3.0), 0.5}};
+  if (points == 3) rule = {{0.5 - 0.5 * std::sqrt(0.6), 5.0 / 18}, {0.5, 8.0 / 18}, {0.5 + 0.5 * std::sqrt(0.6), 5.0 / 18}};
+  Pipeline pipeline(model, comm_, options);
+  const double per_batch = 1.0 / static_cast<double>(std::max<std::int64_t>(1, pipeline.micro_batches(data)));
+  std::vector<at::Tensor> originals;
+  for (const auto& s : stats_) originals.push_back(weights(s.layer, s.linear).weight.detach().clone());
+  auto move = [&](const std::vector<at::Tensor>& deltas, double t) {
+    for (std::size_t k = 0; k < stats_.size(); ++k)
+      model.set_linear_weight(stats_[k].layer, stats_[k].linear, t == 0 ? originals[k] : originals[k] + t * deltas[k]);
+  };
+  for (auto& s : stats_) s.pqi = at::zeros({static_cast<std::int64_t>(formats), s.out_grad_sq.size(0)}, at::kDouble);
+  std::int64_t passes = 0;
+  for (std::size_t f = 0; f < formats; ++f) {
+    std::vector<at::Tensor> deltas;
+    for (const auto& s : stats_) deltas.push_back(delta_of(s.layer, s.linear, f).to(at::kFloat));
+    for (const auto& [t, weight] : rule) {
+      move(deltas, t);
+      const double scale = weight * per_batch;
+      pipeline.calibrate(data, [this, &deltas, f, scale](const LayerGradients& g) {
+        for (int i = 0; i < kNumLinears; ++i) {
+          const std::size_t k = index(g.layer->index, i);
+          const at::Tensor term = (g.weight_grads[i].to(at::kFloat) * deltas[k]).sum(1, false, at::kDouble);
+          stats_[k].pqi.select(0, static_cast<std::int64_t>(f)).add_(term * scale);
+        }
+      });
+      if (progress) progress(++passes, static_cast<std::int64_t>(formats * rule.size()));
+    }
+    move(deltas, 0);
+  }
 }
 
 at::Tensor Profiler::salience(std::int64_t layer, int linear, SalienceKind kind) const {
@@ -95,6 +184,7 @@ at::Tensor Profiler::salience_rows(std::int64_t layer, int linear, SalienceKind 
     case SalienceKind::kFisher: return s.fisher.slice(0, begin, end);
     case SalienceKind::kActivation: return w().abs() * mean_abs_input(s).unsqueeze(0);
     case SalienceKind::kMagnitude: return w().abs();
+    default: CSAQ_ASSERT(false, "salience ", salience_kind_name(kind), " has no value per weight");
   }
   return {};
 }
@@ -110,22 +200,62 @@ at::Tensor Profiler::salience_at(std::int64_t layer, int linear, SalienceKind ki
       return w().abs() * mean_abs_input(s).index_select(0, flat.remainder(in));
     }
     case SalienceKind::kMagnitude: return w().abs();
+    default: CSAQ_ASSERT(false, "salience ", salience_kind_name(kind), " has no value per weight");
+  }
+  return {};
+}
+
+at::Tensor Profiler::row_cost(std::int64_t layer, int linear, SalienceKind kind, const at::Tensor& delta,
+                              std::size_t format) const {
+  const LinearStats& s = stats(layer, linear);
+  if (kind == SalienceKind::kPqi) {
+    CSAQ_CHECK(s.pqi.defined() && static_cast<std::int64_t>(format) < s.pqi.size(0),
+               "no post-quantization integral for this format (profile with --salience pqi and the same options)");
+    return s.pqi[static_cast<std::int64_t>(format)];
+  }
+  const at::Tensor d = delta.to(at::kFloat);
+  const double m = static_cast<double>(std::max<std::int64_t>(1, s.micro_batches));
+  // ½ ΔᵀGΔ per row with G = out_grad_sq_r · H / M².
+  auto second_order = [&] {
+    const at::Tensor dhd = (at::matmul(d, linear_hessian(layer, linear)) * d).sum(1, false, at::kDouble);
+    return s.out_grad_sq * dhd / (2.0 * m * m);
+  };
+  const at::Tensor w = weights(layer, linear).weight.detach().to(at::kFloat);
+  switch (kind) {
+    case SalienceKind::kTaylor: return (s.grad_sum * d).sum(1, false, at::kDouble) / m + second_order();
+    case SalienceKind::kHessian: return second_order();
+    case SalienceKind::kPqi: break;  // above
+    case SalienceKind::kCausal: {
+      // s_w / |w| = Σ|g|, 0 where w is 0 (there the salience is 0 as well).
+      const at::Tensor per = at::where(w.abs() > 0, s.causal / w.abs().clamp_min(1e-30), at::zeros_like(w));
+      return (per * d.abs()).sum(1, false, at::kDouble);
+    }
+    case SalienceKind::kFisher: return (s.fisher * d.square()).sum(1, false, at::kDouble) * 0.5;
+    case SalienceKind::kActivation: return (mean_abs_input(s).unsqueeze(0) * d.abs()).sum(1, false, at::kDouble);
+    case SalienceKind::kMagnitude: return d.abs().sum(1, false, at::kDouble);
   }
   return {};
 }
 
 at::Tensor Profiler::row_leaders(std::int64_t layer, int linear, double clique_threshold) const {
-  return find_cliques(stats(layer, linear).coact, salience(layer, linear, options_.kind).sum(1), clique_threshold);
+  const SalienceKind rank_by = is_per_weight(options_.kind) ? options_.kind : SalienceKind::kCausal;
+  return find_cliques(stats(layer, linear).coact, salience(layer, linear, rank_by).sum(1), clique_threshold);
 }
 
-at::Tensor Profiler::global_sample(SalienceKind kind) const {
+at::Tensor Profiler::global_sample() const {
   const std::int64_t m = options_.sample_per_linear;
+  const SalienceKind kind = options_.kind;
   at::Tensor all = at::zeros({model_.config().num_layers * kNumLinears * m}, at::kFloat);
   for (std::size_t k = 0; k < stats_.size(); ++k) {
     const LinearStats& s = stats_[k];
     const std::int64_t slot = s.layer * kNumLinears + s.linear;
-    all.slice(0, slot * m, (slot + 1) * m)
-        .copy_(salience_at(s.layer, s.linear, kind, sample_index_[k]));
+    // The statistic the cost depends on most: the mean gradient for taylor and pqi, the
+    // causal salience for hessian (its curvature settles sooner).
+    const at::Tensor v = kind == SalienceKind::kTaylor || kind == SalienceKind::kPqi
+                             ? s.grad_sum.reshape({-1}).index_select(0, sample_index_[k])
+                             : salience_at(s.layer, s.linear, is_per_weight(kind) ? kind : SalienceKind::kCausal,
+                                           sample_index_[k]);
+    all.slice(0, slot * m, (slot + 1) * m).copy_(v);
   }
   comm_.all_reduce(all, ReduceOp::kSum);  // each slot is non-zero on exactly one rank
   return all;
@@ -139,7 +269,7 @@ RoundCallback Profiler::round_callback() {
     const std::int64_t sequences = info.sequences_done;
     if (!options_.early_stop || sequences - last_check_ < options_.check_every) return false;
     last_check_ = sequences;
-    at::Tensor sample = global_sample(options_.kind);
+    at::Tensor sample = global_sample();
     std::swap(sample, previous_sample_);
     if (!sample.defined()) return false;
     const double rho = spearman(sample, previous_sample_);
@@ -152,6 +282,10 @@ RoundCallback Profiler::round_callback() {
 namespace {
 std::string stats_group(std::int64_t layer, int linear) {
   return "stats/" + std::to_string(layer) + "/" + kLinearNames.at(linear) + "/";
+}
+
+std::string hessian_name(std::int64_t layer, int input) {
+  return "stats/" + std::to_string(layer) + "/hessian/" + kInputNames.at(static_cast<std::size_t>(input));
 }
 
 nlohmann::json options_json(const ProfilerOptions& o) {
@@ -175,37 +309,58 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
   f.put_text("config.json", c.json_text, rank0);
   // The early-stop sample is global (identical on every rank): rank 0 writes it.
   f.create_dataset("early_stop_previous", at::kFloat, {previous_sample_.defined() ? previous_sample_.numel() : 0});
+  // PQI rows per Linear: the same on every rank (or 0), agreed so that creation is collective.
+  at::Tensor pqi_rows = at::tensor({has_pqi() ? stats_.front().pqi.size(0) : 0}, at::kLong);
+  comm.all_reduce(pqi_rows, ReduceOp::kMax);
+  const std::int64_t formats = pqi_rows.item<std::int64_t>();
   const auto shapes = linear_shapes(c);
-  for (std::int64_t l = 0; l < c.num_layers; ++l)
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
     for (int i = 0; i < kNumLinears; ++i) {
       const auto [out, in] = shapes[i];
       const std::int64_t k = std::min(out, options_.candidates);
       const std::string g = stats_group(l, i);
-      f.create_dataset(g + "causal", at::kFloat, {out, in});
-      f.create_dataset(g + "fisher", at::kFloat, {out, in});
+      for (const char* name : {"grad_sum", "causal", "fisher"}) f.create_dataset(g + name, at::kFloat, {out, in});
+      f.create_dataset(g + "out_grad_sq", at::kDouble, {out});
       f.create_dataset(g + "input_abs_sum", at::kDouble, {in});
       f.create_dataset(g + "counters", at::kLong, {4});  // tokens, micro_batches, coact tokens, coact started
       f.create_dataset(g + "candidates", at::kLong, {k});
       f.create_dataset(g + "coact_counts", at::kLong, {k, k});
+      f.create_dataset(g + "pqi", at::kDouble, {formats, out});
     }
+    for (int k = 0; k < kNumInputs; ++k) {
+      const std::int64_t in = shapes[static_cast<std::size_t>(kFirstReader[k])].second;
+      f.create_dataset(hessian_name(l, k), at::kFloat, {in, in});
+      f.create_dataset(hessian_name(l, k) + "_tokens", at::kLong, {1});
+    }
+  }
   if (rank0 && previous_sample_.defined()) f.write("early_stop_previous", previous_sample_);
   for (const auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
+    f.write(g + "grad_sum", st.grad_sum);
     f.write(g + "causal", st.causal);
     f.write(g + "fisher", st.fisher);
+    f.write(g + "out_grad_sq", st.out_grad_sq);
     f.write(g + "input_abs_sum", st.input_abs_sum);
     f.write(g + "counters", at::tensor({st.tokens, st.micro_batches, st.coact.tokens(),
                                         static_cast<std::int64_t>(st.coact.started())}, at::kLong));
     const std::int64_t k = std::min(st.coact.channels(), options_.candidates);
     f.write(g + "candidates", st.coact.started() ? st.coact.candidates() : at::zeros({k}, at::kLong));
     f.write(g + "coact_counts", st.coact.started() ? st.coact.counts() : at::zeros({k, k}, at::kLong));
+    if (formats > 0) f.write(g + "pqi", st.pqi);
   }
+  for (const DecoderLayer& layer : model_.decoder())
+    for (int k = 0; k < kNumInputs; ++k) {
+      f.write(hessian_name(layer.index, k), hessian(layer.index, k));
+      f.write(hessian_name(layer.index, k) + "_tokens", at::tensor({hessian_tokens(layer.index, k)}, at::kLong));
+    }
 }
 
 void Profiler::load(const storage::H5File& f) {
   CSAQ_CHECK(f.exists("profile.json") && f.exists("stats"), "'", f.path(), "' is not a csaq salience file");
   CSAQ_CHECK(f.read_text("config.json") == model_.config().json_text, "salience file '", f.path(),
              "' was computed for a different model (its config.json differs)");
+  CSAQ_CHECK(f.exists(hessian_name(model_.layers().begin, 0)), "salience file '", f.path(),
+             "' was written by an older csaq (no input Hessians); profile again");
   const auto profile = nlohmann::json::parse(f.read_text("profile.json"));
   const auto saved = profile["options"];
   const auto mine = options_json(options_);
@@ -214,15 +369,25 @@ void Profiler::load(const storage::H5File& f) {
                ", not ", mine[key].dump());
   for (auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
+    st.grad_sum = f.read(g + "grad_sum");
     st.causal = f.read(g + "causal");
     st.fisher = f.read(g + "fisher");
+    st.out_grad_sq = f.read(g + "out_grad_sq");
     st.input_abs_sum = f.read(g + "input_abs_sum");
     const at::Tensor counters = f.read(g + "counters");
     st.tokens = counters[0].item<std::int64_t>();
     st.micro_batches = counters[1].item<std::int64_t>();
     if (counters[3].item<std::int64_t>() != 0)
       st.coact.restore(f.read(g + "candidates"), f.read(g + "coact_counts"), counters[2].item<std::int64_t>());
+    const at::Tensor pqi = f.read(g + "pqi");
+    st.pqi = pqi.size(0) > 0 ? pqi : at::Tensor();
   }
+  for (const DecoderLayer& layer : model_.decoder())
+    for (int k = 0; k < kNumInputs; ++k) {
+      const std::size_t h = static_cast<std::size_t>((layer.index - model_.layers().begin) * kNumInputs + k);
+      hessian_[h] = f.read(hessian_name(layer.index, k));
+      hessian_tokens_[h] = f.read(hessian_name(layer.index, k) + "_tokens")[0].item<std::int64_t>();
+    }
   checks_.clear();
   for (const auto& ch : profile["early_stop_checks"]) checks_.push_back({ch["sequences"], ch["rho"]});
   stopped_early_ = profile["stopped_early"];

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 
 #include <cmath>
 #include <limits>
@@ -182,6 +183,12 @@ ModelShard::ModelShard(ModelConfig config, int rank, int world, const TensorSour
     }
     decoder_.push_back(std::move(layer));
   }
+}
+
+void ModelShard::set_linear_weight(std::int64_t layer, int linear, const at::Tensor& values) {
+  CSAQ_ASSERT(range_.contains(layer), "layer ", layer, " is not on rank ", rank_);
+  at::NoGradGuard no_grad;
+  decoder_[static_cast<std::size_t>(layer - range_.begin)].linears[linear].weight.copy_(values);
 }
 
 at::Tensor ModelShard::embed(const at::Tensor& ids) const {

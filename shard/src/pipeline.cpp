@@ -90,7 +90,7 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
                                const LinearObserver* observer, const LogitsCallback& on_logits,
                                const ProgressCallback& on_progress, const RoundCallback& after_round,
                                const ResumePoint& resume) {
-  at::AutoGradMode grad_mode(true);
+  at::AutoGradMode grad_mode(options_.backward);
   const std::int64_t len = data.seq_len(), total = micro_batches(data);
   const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
   const std::size_t layers = model_.decoder().size();
@@ -114,16 +114,16 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       if (model_.is_first()) {
         x = model_.embed(f.ids);  // no gradient flows into the embedding
       } else {
-        x = receive_hidden(count, len, m).requires_grad_(true);
+        x = receive_hidden(count, len, m).requires_grad_(options_.backward);
       }
       for (std::size_t i = 0; i < layers; ++i) {
-        if (i > 0) x = x.detach().requires_grad_(true);
-        f.inputs.push_back(x);
+        if (i > 0) x = x.detach().requires_grad_(options_.backward);
+        if (options_.backward) f.inputs.push_back(x);
         x = model_.layer_forward(i, x, pos, observer);
-        f.outputs.push_back(x);
+        if (options_.backward) f.outputs.push_back(x);
       }
       if (model_.is_last()) {
-        f.head_input = x.detach().requires_grad_(true);
+        f.head_input = x.detach().requires_grad_(options_.backward);
         const at::Tensor logits = model_.head(f.head_input);
         const std::int64_t predicted = count * (len - 1);
         const at::Tensor nll = next_token_nll_sum(logits, f.ids);
@@ -137,8 +137,13 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       }
     }
 
+    if (!options_.backward) {
+      for (std::int64_t m = round; m < round_end; ++m)
+        if (on_progress) on_progress(++done, total);
+      flight.clear();
+    }
     // Backward in reverse order, layer by layer; weight gradients live one layer at a time.
-    for (std::int64_t m = round_end - 1; m >= round; --m) {
+    for (std::int64_t m = round_end - 1; options_.backward && m >= round; --m) {
       InFlight& f = flight[m - round];
       at::Tensor grad;
       if (model_.is_last()) {

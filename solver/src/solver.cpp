@@ -3,12 +3,13 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <map>
 #include <sstream>
 #include <tuple>
 
 #include "csaq/shard/model.h"
-#include "csaq/solver/quantizer.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/h5.h"
 
@@ -30,91 +31,124 @@ const char* solver_kind_name(SolverKind kind) {
   return "?";
 }
 
-std::vector<int> parse_bit_options(const std::string& text) {
-  std::vector<int> out;
+namespace {
+// Comma-separated integers of an option, each checked by `ok`.
+std::vector<std::int64_t> parse_list(const std::string& text, const char* option, const char* example) {
+  std::vector<std::int64_t> out;
   std::stringstream in(text);
   std::string item;
   while (std::getline(in, item, ',')) {
-    int b = 0;
+    std::int64_t v = 0;
     try {
       std::size_t used = 0;
-      b = std::stoi(item, &used);
+      v = std::stoll(item, &used);
       CSAQ_CHECK(used == item.size(), "");
     } catch (const std::exception&) {
-      CSAQ_FAIL("--bit-options: '", item, "' is not a number (expected a list such as 2,4,8,16)");
+      CSAQ_FAIL(option, ": '", item, "' is not a number (expected a list such as ", example, ")");
     }
-    CSAQ_CHECK(b == 1 || b == 2 || b == 3 || b == 4 || b == 8 || b == 16, "--bit-options: ", b,
-               " is not one of 1, 2, 3, 4, 8, 16");
-    CSAQ_CHECK(std::find(out.begin(), out.end(), b) == out.end(), "--bit-options: ", b, " given twice");
-    out.push_back(b);
+    CSAQ_CHECK(std::find(out.begin(), out.end(), v) == out.end(), option, ": ", v, " given twice");
+    out.push_back(v);
   }
-  CSAQ_CHECK(!out.empty(), "--bit-options is empty");
+  CSAQ_CHECK(!out.empty(), option, " is empty");
   std::sort(out.begin(), out.end());
   return out;
+}
+}  // namespace
+
+std::vector<int> parse_bit_options(const std::string& text) {
+  std::vector<int> out;
+  for (std::int64_t b : parse_list(text, "--bit-options", "2,3,4,8")) {
+    CSAQ_CHECK(b == 1 || b == 2 || b == 3 || b == 4 || b == 8 || b == 16, "--bit-options: ", b,
+               " is not one of 1, 2, 3, 4, 8, 16");
+    out.push_back(static_cast<int>(b));
+  }
+  return out;
+}
+
+std::vector<std::int64_t> parse_group_options(const std::string& text) {
+  std::vector<std::int64_t> out = parse_list(text, "--group-options", "32,128");
+  for (std::int64_t g : out) CSAQ_CHECK(g == -1 || g >= 1, "--group-options: ", g, " is neither -1 (whole rows) nor positive");
+  return out;
+}
+
+void for_each_format(const at::Tensor& weight, const at::Tensor& row_leader, const at::Tensor& hessian,
+                     const std::vector<Format>& formats, const QuantizerOptions& opt,
+                     const std::function<void(std::size_t, const Quantized&)>& fn, GptqFactorCache& cache) {
+  const std::int64_t out = weight.size(0);
+  const bool gptq = opt.gptq && hessian.defined();
+  const at::Tensor column_weight = hessian.defined() ? hessian.diagonal() : at::Tensor();
+  for (std::size_t f = 0; f < formats.size(); ++f) {
+    const Format& fm = formats[f];
+    const at::Tensor bits = at::full({out}, fm.bits, at::kLong), group = at::full({out}, fm.group, at::kLong);
+    const RowSpec spec = make_row_spec(weight, bits, group, row_leader, column_weight, opt);
+    fn(f, gptq && fm.bits <= kMaxCodeBits ? quantize_gptq(weight, spec, cache.get(hessian, opt), opt.block)
+                                          : quantize_nearest(weight, spec));
+  }
+}
+
+void for_each_format(const at::Tensor& weight, const at::Tensor& row_leader, const at::Tensor& hessian,
+                     const std::vector<Format>& formats, const QuantizerOptions& opt,
+                     const std::function<void(std::size_t, const Quantized&)>& fn) {
+  GptqFactorCache cache;
+  for_each_format(weight, row_leader, hessian, formats, opt, fn, cache);
 }
 
 namespace {
 
-std::int64_t basis(const UnitBits& b, bool total) { return total ? b.total() : b.payload; }
+at::Tensor format_bits(const std::vector<Format>& formats) {
+  std::vector<std::int64_t> b;
+  for (const auto& f : formats) b.push_back(f.bits);
+  return at::tensor(b, at::kLong);
+}
 
-// The units of one Linear and their cost and size at every option.
+at::Tensor format_groups(const std::vector<Format>& formats) {
+  std::vector<std::int64_t> g;
+  for (const auto& f : formats) g.push_back(f.group);
+  return at::tensor(g, at::kLong);
+}
+
+// The units of one Linear and their cost and size in every format.
 struct LinearUnits {
   const LinearInput* input = nullptr;
+  std::vector<Format> formats;
   at::Tensor leaders;  // [u] int64, ascending
+  at::Tensor slot;     // [out] unit of each row
   at::Tensor members;  // [u] int64 rows per unit
-  at::Tensor cost;     // [u, options] float64
-  at::Tensor bits;     // [u, options] int64 (the budget's basis)
-  at::Tensor payload;  // [u, options] int64
-  at::Tensor total;    // [u, options] int64
-  at::Tensor density;  // [u] float64 salience per weight
-  at::Tensor choice;   // [u] int64 option index
+  at::Tensor cost;     // [u, formats] float64
+  at::Tensor bits;     // [u, formats] int64 (the budget's basis)
+  at::Tensor density;  // [u] float64: cost saved per weight from the cheapest to the most precise format
+  at::Tensor choice;   // [u] int64 format index
 };
 
-LinearUnits build_units(const LinearInput& in, const SolverOptions& opt) {
+LinearUnits build_units(const LinearInput& in, const std::vector<Format>& formats, const SolverOptions& opt,
+                        bool costs, GptqFactorCache& cache) {
   LinearUnits u;
   u.input = &in;
-  const at::Tensor w = in.weight.detach().to(at::kFloat);
-  const std::int64_t rows = w.size(0), cols = w.size(1);
-  const std::int64_t group = effective_group(cols, opt.group_size);
+  u.formats = formats;
+  const std::int64_t rows = in.weight.size(0), cols = in.weight.size(1);
   u.leaders = std::get<0>(at::_unique(in.row_leader, /*sorted=*/true));
-  const at::Tensor slot = at::searchsorted(u.leaders, in.row_leader);  // unit of each row
-  const std::int64_t n = u.leaders.size(0), k = static_cast<std::int64_t>(opt.bit_options.size());
-  u.members = at::zeros({n}, at::kLong).index_add_(0, slot, at::ones({rows}, at::kLong));
+  u.slot = at::searchsorted(u.leaders, in.row_leader);
+  const std::int64_t n = u.leaders.size(0), k = static_cast<std::int64_t>(formats.size());
+  u.members = at::zeros({n}, at::kLong).index_add_(0, u.slot, at::ones({rows}, at::kLong));
   u.cost = at::zeros({n, k}, at::kDouble);
   u.bits = at::zeros({n, k}, at::kLong);
-  u.payload = at::zeros({n, k}, at::kLong);
-  u.total = at::zeros({n, k}, at::kLong);
-  const bool salient = in.salience.defined();
-  // s_w / |w|, 0 where w is 0 (there the salience is 0 as well).
-  const at::Tensor weight_of_error =
-      salient ? at::where(w.abs() > 0, in.salience / w.abs().clamp_min(1e-30), at::zeros_like(w)) : at::Tensor();
-  for (std::int64_t o = 0; o < k; ++o) {
-    const int b = opt.bit_options[o];
-    if (salient) {
-      at::Tensor deq;
-      if (b == 16) {
-        deq = dequantize_rows(quantize_rows(w, {}, 16, group), {}, 16, group);
-      } else {
-        const GroupParams own = group_params(w, b, group);
-        const GroupParams p = own.rows(in.row_leader);
-        deq = dequantize_rows(quantize_rows(w, p, b, group), p, b, group);
-      }
-      const at::Tensor row_cost = ((deq - w).abs() * weight_of_error).sum(1, false, at::kDouble);
-      u.cost.select(1, o).index_add_(0, slot, row_cost);
-    }
-    // unit_bits is affine in the number of rows (codes and row maps per row, scales per
-    // leader): every unit's size is fixed + members * per_row, computed for all units at once.
-    const UnitBits none = unit_bits(0, cols, b, group), one = unit_bits(1, cols, b, group);
-    CSAQ_ASSERT(unit_bits(2, cols, b, group).total() == 2 * one.total() - none.total());
-    const at::Tensor payload = u.members * (one.payload - none.payload) + none.payload;
-    const at::Tensor total = u.members * (one.total() - none.total()) + none.total();
-    u.payload.select(1, o).copy_(payload);
-    u.total.select(1, o).copy_(total);
-    u.bits.select(1, o).copy_(opt.target_is_total ? total : payload);
+  if (costs) {
+    const at::Tensor w = in.weight.detach().to(at::kFloat);
+    for_each_format(w, in.row_leader, in.hessian, formats, opt.quantizer,
+                    [&](std::size_t f, const Quantized& q) {
+                      const at::Tensor row_cost = in.cost(q.values - w, f).to(at::kDouble);
+                      u.cost.select(1, static_cast<std::int64_t>(f)).index_add_(0, u.slot, row_cost);
+                    },
+                    cache);
+    u.density = (u.cost.select(1, 0) - u.cost.select(1, k - 1)) / (u.members.to(at::kDouble) * cols);
   }
-  if (salient) {
-    const at::Tensor row_sal = in.salience.sum(1, false, at::kDouble);
-    u.density = at::zeros({n}, at::kDouble).index_add_(0, slot, row_sal) / (u.members.to(at::kDouble) * cols);
+  for (std::int64_t f = 0; f < k; ++f) {
+    // unit_bits is affine in the number of rows: fixed + members * per_row for all units at once.
+    const UnitBits one = unit_bits(1, rows, cols, formats.size(), formats[f]);
+    const UnitBits two = unit_bits(2, rows, cols, formats.size(), formats[f]);
+    const std::int64_t per_row = opt.target_is_total ? two.total() - one.total() : two.payload - one.payload;
+    const std::int64_t base = opt.target_is_total ? 2 * one.total() - two.total() : 2 * one.payload - two.payload;
+    u.bits.select(1, f).copy_(u.members * per_row + base);
   }
   return u;
 }
@@ -137,6 +171,10 @@ class Solver {
 
   void choose_constant(std::int64_t option) {
     for (auto& u : units_) u.choice = at::full({u.leaders.size(0)}, option, at::kLong);
+  }
+
+  void choose_smallest() {
+    for (auto& u : units_) u.choice = at::argmin(u.bits, 1);
   }
 
   // Two tiers: density >= t at option `hi`, else `lo`.
@@ -188,16 +226,6 @@ class Solver {
       (global_bits() <= budget_ ? t_hi : t_lo) = mid;
     }
     choose_threshold(t_hi, lo, lo + 1);
-  }
-
-  std::int64_t uniform(std::int64_t options) {
-    std::int64_t best = 0;
-    for (std::int64_t o = 0; o < options; ++o) {
-      choose_constant(o);
-      if (global_bits() <= budget_) best = o;
-    }
-    choose_constant(best);
-    return best;
   }
 
  private:
@@ -258,35 +286,67 @@ class Solver {
   std::int64_t budget_;
 };
 
+// Bits every Linear stores besides its units, with room for the padding of its bit streams.
+std::int64_t reserved_bits(std::size_t num_formats) { return linear_fixed_bits(num_formats) + kPaddingReserveBits; }
+
+// The widest uniform format (bits, group option) whose exact total fits the budget: every
+// Linear one format, no row maps, no cliques.
+std::pair<int, std::int64_t> widest_uniform(const std::vector<LinearInput>& linears, const SolverOptions& opt,
+                                            std::int64_t budget, Communicator& comm) {
+  std::vector<std::pair<int, std::int64_t>> pairs;
+  for (int b : opt.bit_options)
+    for (std::int64_t g : opt.group_options) pairs.emplace_back(b, b == 16 ? 0 : g);
+  at::Tensor totals = at::zeros({static_cast<std::int64_t>(pairs.size())}, at::kLong);
+  for (const auto& in : linears) {
+    const std::int64_t out = in.weight.size(0), cols = in.weight.size(1);
+    for (std::size_t p = 0; p < pairs.size(); ++p) {
+      const Format f{pairs[p].first, pairs[p].first == 16 ? 0 : effective_group(cols, pairs[p].second)};
+      const UnitBits b = linear_bits(out, cols, {f}, at::zeros({out}, at::kLong), at::arange(out, at::kLong));
+      totals[static_cast<std::int64_t>(p)] += opt.target_is_total ? b.total() : b.payload;
+    }
+  }
+  comm.all_reduce(totals, ReduceOp::kSum);
+  std::int64_t best = -1;
+  for (std::size_t p = 0; p < pairs.size(); ++p) {
+    const std::int64_t t = totals[static_cast<std::int64_t>(p)].item<std::int64_t>();
+    if (t <= budget && (best < 0 || t > totals[best].item<std::int64_t>())) best = static_cast<std::int64_t>(p);
+  }
+  CSAQ_CHECK(best >= 0, "--target-bits ", opt.target_bits, " is unreachable by a uniform format: the smallest takes ",
+             double(totals.min().item<std::int64_t>()), " bits in all");
+  return pairs[static_cast<std::size_t>(best)];
+}
+
 }  // namespace
 
 void check_target_reachable(const std::vector<std::pair<std::int64_t, std::int64_t>>& shapes,
                             const SolverOptions& opt) {
-  CSAQ_CHECK(!opt.bit_options.empty(), "no bit options");
+  CSAQ_CHECK(!opt.bit_options.empty() && !opt.group_options.empty(), "no bit or group options");
   double weights = 0, low = 0, high = 0;
   for (const auto& [out, in] : shapes) {
-    const std::int64_t group = effective_group(in, opt.group_size);
+    const std::vector<Format> formats = linear_formats(in, opt.bit_options, opt.group_options);
     weights += double(out) * double(in);
-    low += double(basis(unit_bits(1, in, opt.bit_options.front(), group), opt.target_is_total)) * double(out);
-    // Most bits: one clique per Linear would carry the least metadata; every row at the top.
-    high += double(basis(unit_bits(out, in, opt.bit_options.back(), group), opt.target_is_total));
+    const std::size_t f = opt.kind == SolverKind::kUniform ? 1 : formats.size();
+    double least = 1e300, most = 0;
+    for (const Format& fm : formats) {
+      const UnitBits one = unit_bits(1, out, in, f, fm), all = unit_bits(out, out, in, f, fm);
+      least = std::min(least, double(opt.target_is_total ? one.total() : one.payload) * double(out));
+      most = std::max(most, double(opt.target_is_total ? all.total() : all.payload));
+    }
+    const double fixed = opt.target_is_total ? double(linear_fixed_bits(f)) : 0.0;
+    low += least + fixed;
+    high += most + fixed;
   }
   const char* what = opt.target_is_total ? "total" : "payload";
   CSAQ_CHECK(opt.target_bits * weights >= low, "--target-bits ", opt.target_bits, " is unreachable: with bit options ",
-             shape_str(opt.bit_options), " and --group-size ", opt.group_size, " the ", what,
+             shape_str(opt.bit_options), " and group options ", shape_str(opt.group_options), " the ", what,
              " bits per weight cannot go below ", low / weights);
-  CSAQ_CHECK(opt.target_bits * weights <= high * (1 + 1e-12), "--target-bits ", opt.target_bits,
-             " is unreachable: with bit options ", shape_str(opt.bit_options), " the ", what,
+  CSAQ_CHECK(opt.target_bits * weights <= high * (1 + 1e-12), "--target-bits ",
+             opt.target_bits, " is unreachable: with bit options ", shape_str(opt.bit_options), " the ", what,
              " bits per weight cannot exceed ", high / weights);
 }
 
 Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Communicator& comm,
            const SolverOptions& opt, const ProgressCallback& progress) {
-  std::vector<LinearUnits> units;
-  for (const auto& in : linears) {
-    units.push_back(build_units(in, opt));
-    if (progress) progress(static_cast<std::int64_t>(units.size()), static_cast<std::int64_t>(linears.size()));
-  }
   at::Tensor weights = at::zeros({1}, at::kLong);
   for (const auto& in : linears) weights += in.weight.numel();
   comm.all_reduce(weights, ReduceOp::kSum);
@@ -294,46 +354,115 @@ Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Com
   PlanSummary& s = plan.summary;
   s.weights = weights.item<std::int64_t>();
   s.budget_bits = static_cast<std::int64_t>(std::floor(opt.target_bits * double(s.weights)));
+  CSAQ_CHECK(opt.kind != SolverKind::kThreshold || opt.group_options.size() == 1,
+             "--solver threshold takes one group option, not ", shape_str(opt.group_options));
 
-  Solver solver(units, comm, s.budget_bits);
-  const auto options = static_cast<std::int64_t>(opt.bit_options.size());
-  solver.choose_constant(0);
+  std::vector<LinearUnits> units;
+  std::int64_t budget = s.budget_bits;
+  const bool uniform = opt.kind == SolverKind::kUniform;
+  std::pair<int, std::int64_t> uniform_choice{};
+  if (uniform) uniform_choice = widest_uniform(linears, opt, s.budget_bits, comm);
+  GptqFactorCache cache;
+  for (const auto& in : linears) {
+    const std::int64_t cols = in.weight.size(1);
+    std::vector<Format> formats = linear_formats(cols, opt.bit_options, opt.group_options);
+    if (uniform)
+      formats = {Format{uniform_choice.first, uniform_choice.first == 16 ? 0 : effective_group(cols, uniform_choice.second)}};
+    units.push_back(build_units(in, formats, opt, !uniform, cache));
+    if (opt.target_is_total) budget -= reserved_bits(formats.size());
+    if (progress) progress(static_cast<std::int64_t>(units.size()), static_cast<std::int64_t>(linears.size()));
+  }
+  at::Tensor reserve = at::tensor({s.budget_bits - budget}, at::kLong);
+  comm.all_reduce(reserve, ReduceOp::kSum);
+  budget = s.budget_bits - reserve.item<std::int64_t>();
+
+  Solver solver(units, comm, budget);
+  solver.choose_smallest();
   const std::int64_t least = solver.global_bits();
-  CSAQ_CHECK(least <= s.budget_bits, "--target-bits ", opt.target_bits, " is unreachable: every unit at ",
-             opt.bit_options.front(), " bits already takes ", double(least) / double(s.weights),
-             " bits per weight");
+  CSAQ_CHECK(uniform || least <= budget, "--target-bits ", opt.target_bits, " is unreachable: every unit in its smallest format already takes ",
+             double(least + reserve.item<std::int64_t>()) / double(s.weights), " bits per weight");
   switch (opt.kind) {
     case SolverKind::kLagrangian: s.lambda = solver.lagrangian(); break;
-    case SolverKind::kThreshold: solver.threshold(options); break;
-    case SolverKind::kUniform: solver.uniform(options); break;
+    case SolverKind::kThreshold: solver.threshold(static_cast<std::int64_t>(units.empty() ? 1 : units[0].formats.size())); break;
+    case SolverKind::kUniform: solver.choose_constant(0); break;
   }
 
   // Per-row decisions and global totals.
-  at::Tensor totals = at::zeros({2 + options + 2 * num_layers + 1}, at::kLong);  // payload, total, hist, layers, units
-  for (const auto& u : units) {
+  const auto options = static_cast<std::int64_t>(opt.bit_options.size());
+  std::vector<std::pair<int, std::int64_t>> pairs;  // (bits, group option) of the format histogram
+  for (int b : opt.bit_options)
+    if (b == 16) pairs.emplace_back(16, 0);
+    else
+      for (std::int64_t g : opt.group_options) pairs.emplace_back(b, g);
+  const auto npairs = static_cast<std::int64_t>(pairs.size());
+  // payload, total, bits histogram, format histogram, per layer (total, weights), units
+  at::Tensor totals = at::zeros({2 + options + npairs + 2 * num_layers + 1}, at::kLong);
+  double cost = 0;
+  for (auto& u : units) {
     const LinearInput& in = *u.input;
-    const at::Tensor chosen_bits = at::tensor(std::vector<std::int64_t>(opt.bit_options.begin(), opt.bit_options.end()),
-                                              at::kLong).index_select(0, u.choice);
-    const at::Tensor slot = at::searchsorted(u.leaders, in.row_leader);
-    plan.linears.push_back({in.layer, in.linear, chosen_bits.index_select(0, slot).to(at::kByte), in.row_leader});
-    const at::Tensor pay = u.payload.gather(1, u.choice.unsqueeze(1)).sum(), tot = u.total.gather(1, u.choice.unsqueeze(1)).sum();
-    totals[0] += pay.item<std::int64_t>();
-    totals[1] += tot.item<std::int64_t>();
-    totals.slice(0, 2, 2 + options).index_add_(0, u.choice, u.members * in.weight.size(1));
-    totals[2 + options + 2 * in.layer] += tot.item<std::int64_t>();
-    totals[2 + options + 2 * in.layer + 1] += in.weight.numel();
-    totals[2 + options + 2 * num_layers] += u.leaders.size(0);
+    const std::int64_t out = in.weight.size(0), cols = in.weight.size(1);
+    const at::Tensor row_format = u.choice.index_select(0, u.slot);
+    // 16-bit rows need no leader: each is its own.
+    const at::Tensor full = format_bits(u.formats).index_select(0, row_format) == 16;
+    const at::Tensor leader =
+        uniform ? at::arange(out, at::kLong) : at::where(full, at::arange(out, at::kLong), in.row_leader);
+    plan.linears.push_back({in.layer, in.linear, u.formats, row_format.to(at::kByte), leader});
+    const UnitBits b = linear_bits(out, cols, u.formats, row_format, leader);
+    totals[0] += b.payload;
+    totals[1] += b.total();
+    const at::Tensor row_bits = format_bits(u.formats).index_select(0, row_format);
+    const at::Tensor row_group = format_groups(u.formats).index_select(0, row_format);
+    for (std::int64_t o = 0; o < options; ++o) totals[2 + o] += (row_bits == opt.bit_options[o]).sum() * cols;
+    for (std::int64_t p = 0; p < npairs; ++p) {
+      const auto [pb, pg] = pairs[p];
+      const std::int64_t g = pb == 16 ? 0 : effective_group(cols, pg);
+      // A group option that coincides with another on this Linear counts under the first.
+      std::int64_t first = p;
+      for (std::int64_t q = 0; q < p; ++q)
+        if (pairs[q].first == pb && (pb == 16 || effective_group(cols, pairs[q].second) == g)) first = std::min(first, q);
+      if (first == p) totals[2 + options + p] += at::logical_and(row_bits == pb, row_group == g).sum() * cols;
+    }
+    totals[2 + options + npairs + 2 * in.layer] += b.total();
+    totals[2 + options + npairs + 2 * in.layer + 1] += in.weight.numel();
+    totals[2 + options + npairs + 2 * num_layers] += u.leaders.size(0);
+    if (u.cost.defined()) cost += u.cost.gather(1, u.choice.unsqueeze(1)).sum().item<double>();
   }
   comm.all_reduce(totals, ReduceOp::kSum);
+  at::Tensor cost_sum = at::tensor({cost}, at::kDouble);
+  comm.all_reduce(cost_sum, ReduceOp::kSum);
+  s.predicted_cost = cost_sum.item<double>();
   s.payload_bits = totals[0].item<std::int64_t>();
   s.total_bits = totals[1].item<std::int64_t>();
+  CSAQ_ASSERT(!opt.target_is_total || s.total_bits <= s.budget_bits, "plan exceeds its budget");
   for (std::int64_t o = 0; o < options; ++o) s.histogram.emplace_back(opt.bit_options[o], totals[2 + o].item<std::int64_t>());
+  for (std::int64_t p = 0; p < npairs; ++p)
+    s.format_histogram.emplace_back(Format{pairs[p].first, pairs[p].second}, totals[2 + options + p].item<std::int64_t>());
   for (std::int64_t l = 0; l < num_layers; ++l) {
-    const std::int64_t b = totals[2 + options + 2 * l].item<std::int64_t>(), n = totals[2 + options + 2 * l + 1].item<std::int64_t>();
+    const std::int64_t b = totals[2 + options + npairs + 2 * l].item<std::int64_t>();
+    const std::int64_t n = totals[2 + options + npairs + 2 * l + 1].item<std::int64_t>();
     s.layer_total_bits.push_back(n ? double(b) / double(n) : 0.0);
   }
-  s.units = totals[2 + options + 2 * num_layers].item<std::int64_t>();
+  s.units = totals[2 + options + npairs + 2 * num_layers].item<std::int64_t>();
   return plan;
+}
+
+QuantizedLinear quantize_linear(const at::Tensor& weight, const LinearPlan& plan, const at::Tensor& hessian,
+                                const QuantizerOptions& opt, GptqFactorCache& cache) {
+  const at::Tensor fmt = plan.row_format.to(at::kLong);
+  const at::Tensor bits = format_bits(plan.formats).index_select(0, fmt);
+  const at::Tensor group = format_groups(plan.formats).index_select(0, fmt);
+  QuantizedLinear out;
+  out.spec = make_row_spec(weight, bits, group, plan.row_leader,
+                           hessian.defined() ? hessian.diagonal() : at::Tensor(), opt);
+  const bool gptq = opt.gptq && hessian.defined() && (bits <= kMaxCodeBits).any().item<bool>();
+  out.q = gptq ? quantize_gptq(weight, out.spec, cache.get(hessian, opt), opt.block) : quantize_nearest(weight, out.spec);
+  return out;
+}
+
+QuantizedLinear quantize_linear(const at::Tensor& weight, const LinearPlan& plan, const at::Tensor& hessian,
+                                const QuantizerOptions& opt) {
+  GptqFactorCache cache;
+  return quantize_linear(weight, plan, hessian, opt, cache);
 }
 
 }  // namespace csaq
@@ -345,19 +474,42 @@ std::string plan_group(std::int64_t layer, int linear) {
 }
 }  // namespace
 
+at::Tensor formats_tensor(const std::vector<Format>& formats) {
+  std::vector<std::int32_t> v;
+  for (const auto& f : formats) {
+    v.push_back(f.bits);
+    v.push_back(static_cast<std::int32_t>(f.group));
+  }
+  return at::tensor(v, at::kInt).view({static_cast<std::int64_t>(formats.size()), 2});
+}
+
+std::vector<Format> formats_from_tensor(const at::Tensor& table, const std::string& where) {
+  CSAQ_CHECK(table.dim() == 2 && table.size(1) == 2 && table.size(0) >= 1, where, " must be [formats, 2]");
+  std::vector<Format> out;
+  const at::Tensor t = table.to(at::kLong);
+  for (std::int64_t i = 0; i < t.size(0); ++i) out.push_back({static_cast<int>(t[i][0].item<std::int64_t>()), t[i][1].item<std::int64_t>()});
+  return out;
+}
+
 void save_plan(storage::H5File& f, const Plan& plan, const ModelConfig& config, const std::string& report_json,
                Communicator& comm) {
   const bool rank0 = comm.rank() == 0;
   f.put_text("report.json", broadcast_string(comm, report_json), rank0);
   f.put_text("config.json", config.json_text, rank0);
   const auto shapes = linear_shapes(config);
+  // The format tables' sizes are per Linear: all-reduced so that creation is collective.
+  at::Tensor sizes = at::zeros({config.num_layers * kNumLinears}, at::kLong);
+  for (const auto& lp : plan.linears) sizes[lp.layer * kNumLinears + lp.linear] = static_cast<std::int64_t>(lp.formats.size());
+  comm.all_reduce(sizes, ReduceOp::kSum);
   for (std::int64_t l = 0; l < config.num_layers; ++l)
     for (int i = 0; i < kNumLinears; ++i) {
-      f.create_dataset(plan_group(l, i) + "row_bits", at::kByte, {shapes[i].first});
+      f.create_dataset(plan_group(l, i) + "formats", at::kInt, {sizes[l * kNumLinears + i].item<std::int64_t>(), 2});
+      f.create_dataset(plan_group(l, i) + "row_format", at::kByte, {shapes[i].first});
       f.create_dataset(plan_group(l, i) + "row_leader", at::kLong, {shapes[i].first});
     }
   for (const auto& lp : plan.linears) {
-    f.write(plan_group(lp.layer, lp.linear) + "row_bits", lp.row_bits);
+    f.write(plan_group(lp.layer, lp.linear) + "formats", formats_tensor(lp.formats));
+    f.write(plan_group(lp.layer, lp.linear) + "row_format", lp.row_format);
     f.write(plan_group(lp.layer, lp.linear) + "row_leader", lp.row_leader);
   }
 }
@@ -366,10 +518,15 @@ Plan load_plan(const storage::H5File& f, const ModelConfig& config, std::int64_t
   CSAQ_CHECK(f.exists("plan") && f.exists("report.json"), "'", f.path(), "' is not a csaq plan file");
   CSAQ_CHECK(f.read_text("config.json") == config.json_text, "plan file '", f.path(),
              "' was made for a different model (its config.json differs)");
+  CSAQ_CHECK(f.exists(plan_group(begin, 0) + "formats"), "plan file '", f.path(),
+             "' was written by an older csaq (no format tables); solve again");
   Plan plan;
   for (std::int64_t l = begin; l < end; ++l)
-    for (int i = 0; i < kNumLinears; ++i)
-      plan.linears.push_back({l, i, f.read(plan_group(l, i) + "row_bits"), f.read(plan_group(l, i) + "row_leader")});
+    for (int i = 0; i < kNumLinears; ++i) {
+      const std::string g = plan_group(l, i);
+      plan.linears.push_back({l, i, formats_from_tensor(f.read(g + "formats"), f.path() + ":" + g + "formats"),
+                              f.read(g + "row_format"), f.read(g + "row_leader")});
+    }
   return plan;
 }
 

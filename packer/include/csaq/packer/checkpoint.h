@@ -27,24 +27,41 @@ class H5File;
 void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm,
                      const std::function<void(storage::H5File&)>& body);
 
-inline constexpr std::int64_t kCheckpointFormatVersion = 1;
+inline constexpr std::int64_t kCheckpointFormatVersion = 2;
 
-// One Linear quantized by its plan, as stored.
+// One Linear quantized by its plan, as stored (docs/checkpoint-format.md). Bit streams are
+// little-endian; nothing else is stored, so its bits are exactly what the report counts.
 struct PackedLinear {
-  std::int64_t out = 0, in = 0, group = 0;
-  at::Tensor row_bits;    // [out] uint8
-  at::Tensor row_leader;  // [out] int32
-  at::Tensor scale_slot;  // [out] int32: row of scales/zeros of the row's leader; -1 at 16 bits
-  at::Tensor scales;      // [slots, groups] float16
-  at::Tensor zeros;       // [slots, groups] uint8
-  at::Tensor row_offset;  // [out + 1] int64: byte offset of each row in codes
-  at::Tensor codes;       // [bytes] uint8
+  std::int64_t out = 0, in = 0, followers = 0;  // the `shape` dataset
+  at::Tensor formats;     // int32 [F, 2]: bits, group of each format
+  at::Tensor row_format;  // uint8 bit stream: each row's format index, ceil(log2 F) bits (empty if F = 1)
+  at::Tensor follower_pairs;  // uint8 bit stream: (row, leader) per follower, ceil(log2 out) bits each
+  at::Tensor scales;      // float16 [Σ over leaders with b <= 8 of in / group], rows in order
+  at::Tensor zeros;       // uint8 bit stream: those leaders' zero-points, b bits each
+  at::Tensor codes;       // uint8: each row's codes, ceil(in·b / 8) bytes, rows in order
+  std::int64_t stored_bits() const;  // 8 × the bytes of all of the above, `shape` included
 };
 
-PackedLinear pack_linear(const at::Tensor& weight, const at::Tensor& row_bits, const at::Tensor& row_leader,
-                         std::int64_t group_size);
+// What a packed Linear says row by row, checked for consistency first: errors name `where`
+// and the dataset at fault.
+struct LinearLayout {
+  std::vector<Format> formats;
+  at::Tensor row_format;   // [out] int64
+  at::Tensor row_leader;   // [out] int64
+  RowSpec spec;            // bits, group, scales and zero-points of every row
+  at::Tensor code_offset;  // [out + 1] int64 byte offsets into codes
+};
+LinearLayout decode_layout(const PackedLinear& packed, const std::string& where);
+
+// Quantizes `weight` by `plan` (GPTQ on `hessian` when defined and the options say so) and
+// encodes it.
+PackedLinear pack_linear(const at::Tensor& weight, const LinearPlan& plan, const at::Tensor& hessian,
+                         const QuantizerOptions& options, GptqFactorCache* cache = nullptr);
 // float32 [out, in]: what the packed Linear stands for.
-at::Tensor unpack_linear(const PackedLinear& packed);
+at::Tensor unpack_linear(const PackedLinear& packed, const std::string& where = "packed Linear");
+
+// The input Hessian of a Linear on this rank (undefined: round to nearest).
+using HessianOf = std::function<at::Tensor(std::int64_t layer, int linear)>;
 
 // A file of the source model directory other than config.json and the weights, kept in the
 // checkpoint so that an export is a complete model directory.
@@ -57,13 +74,13 @@ const std::vector<std::string>& model_file_names();
 // Collective: those of them present in `model_dir`, as rank 0 reads them, on every rank.
 std::vector<ModelFile> read_model_files(const std::string& model_dir, Communicator& comm);
 
-// Collective. Writes rank-owned data into one checkpoint at `path` (first under
+// Collective. Quantizes and writes rank-owned data into one checkpoint at `path` (first under
 // `path`.partial, renamed when every rank has finished). `report_json` is rank 0's text.
 // Refuses an existing `path` unless `overwrite`. Dense tensors (embedding, norms, lm_head,
 // biases) are stored in `dense_dtype`. `model_files` must be the same on every rank.
 // `progress` hears of each of this rank's Linears packed.
-void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, std::int64_t group_size,
-                      const std::string& report_json, at::ScalarType dense_dtype,
+void write_checkpoint(const std::string& path, const ModelShard& model, const Plan& plan, const HessianOf& hessian_of,
+                      const QuantizerOptions& quantizer, const std::string& report_json, at::ScalarType dense_dtype,
                       const std::vector<ModelFile>& model_files, Communicator& comm, bool overwrite,
                       const ProgressCallback& progress = {});
 

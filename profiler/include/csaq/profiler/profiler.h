@@ -1,12 +1,28 @@
-// Stage 1: salience and co-activation statistics of every decoder Linear on this rank.
+// Stage 1: salience and co-activation statistics of every decoder Linear on this rank, and
+// the cost models built on them.
 //
-// Fed by the pipeline (gradient callback + Linear observer), it accumulates in float32:
-//   causal      Σ_micro-batches |dL/dW ⊙ W|   (the default)
-//   fisher      Σ_micro-batches (dL/dW)²
-//   activation  |W_ij| · mean_t |x_tj|        (the AWQ proxy; from Σ_t |x_tj| in float64)
-//   magnitude   |W|
-// all from the same pass, plus a CoActivation tracker per Linear. Statistics live with the
-// layers (sharded); nothing here holds another rank's layers. Not thread-safe.
+// Fed by the pipeline (gradient callback + Linear observer), one pass accumulates, per
+// Linear (M micro-batches, L_m the mean loss of micro-batch m, y = x Wᵀ its output):
+//   grad_sum     Σ_m dL_m/dW                  [out, in] float32
+//   causal       Σ_m |dL_m/dW ⊙ W|            [out, in] float32
+//   fisher       Σ_m (dL_m/dW)²               [out, in] float32
+//   out_grad_sq  Σ_m Σ_t (dL_m/dy_t)²         [out] float64 (output-gradient energy)
+//   input_abs_sum Σ_t |x_t|                   [in] float64
+// and per distinct Linear input of a layer (q/k/v, o, gate/up, down) H = Σ_t x_t x_tᵀ,
+// [in, in] float32 (GPTQ's Hessian), plus a CoActivation tracker per Linear. Statistics live
+// with the layers (sharded); nothing here holds another rank's layers. Not thread-safe.
+//
+// A cost model predicts the loss increase of changing a Linear row by Δ (its quantization
+// error), summed over the row:
+//   taylor      ḡ·Δ + ½ ΔᵀGΔ, ḡ = grad_sum / M and G ≈ out_grad_sq_r · H / M² (the
+//               Kronecker-factored Gauss-Newton block of row r): second-order Taylor (default)
+//   hessian     the second-order term alone
+//   pqi         the post-quantization integral ∫₀¹ ∇L(W + tΔ)·Δ dt, from extra gradient
+//               passes with every Linear moved along its Δ (add_pqi)
+//   causal      Σ causal/|w| · |Δ|            (first-order salience, the original method)
+//   fisher      ½ Σ fisher · Δ²
+//   activation  Σ mean_t|x| · |Δ|             (the AWQ proxy)
+//   magnitude   Σ |Δ|
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,12 +41,23 @@ namespace storage {
 class H5File;
 }
 
-enum class SalienceKind { kCausal, kFisher, kActivation, kMagnitude };
+enum class SalienceKind { kTaylor, kHessian, kPqi, kCausal, kFisher, kActivation, kMagnitude };
 SalienceKind parse_salience_kind(const std::string& name);  // throws listing the kinds
 const char* salience_kind_name(SalienceKind kind);
+// causal, fisher, activation and magnitude have a value per weight (salience(), agreement).
+bool is_per_weight(SalienceKind kind);
+
+// The distinct inputs of a decoder layer's Linears: q/k/v read one, o one, gate/up one,
+// down one. input_of(linear) is the index of a Linear's input, first_reader(input) the
+// Linear that observes it.
+inline constexpr int kNumInputs = 4;
+int input_of(int linear);
 
 struct ProfilerOptions {
-  SalienceKind kind = SalienceKind::kCausal;  // ranks clique leaders; tracked by early stopping
+  // The cost model; its per-weight signal (causal for the non-per-weight kinds) ranks clique
+  // leaders, and early stopping tracks the statistic it depends on most (the mean gradient
+  // for taylor and pqi).
+  SalienceKind kind = SalienceKind::kTaylor;
   std::int64_t candidates = 512;              // K: co-activation channels tracked per Linear
   double fire_fraction = 0.10;
   // Early stopping: every `check_every` sequences, once `min_sequences` are done, the
@@ -53,9 +80,12 @@ struct EarlyStopCheck {
 struct LinearStats {
   std::int64_t layer = 0;
   int linear = 0;
+  at::Tensor grad_sum;        // [out, in] float32
   at::Tensor causal;          // [out, in] float32
   at::Tensor fisher;          // [out, in] float32
+  at::Tensor out_grad_sq;     // [out] float64
   at::Tensor input_abs_sum;   // [in] float64
+  at::Tensor pqi;             // [formats, out] float64 once add_pqi has run; else undefined
   std::int64_t tokens = 0;    // tokens seen by the observer
   std::int64_t micro_batches = 0;
   CoActivation coact;
@@ -71,11 +101,32 @@ class Profiler {
   // The pipeline's round callback: early stopping, decided identically on every rank.
   RoundCallback round_callback();
 
+  // H of layer `layer`'s input `input` (see input_of), [in, in] float32, and of a Linear's.
+  const at::Tensor& hessian(std::int64_t layer, int input) const;
+  const at::Tensor& linear_hessian(std::int64_t layer, int linear) const { return hessian(layer, input_of(linear)); }
+  std::int64_t hessian_tokens(std::int64_t layer, int input) const;
+
+  // Predicted loss increase per row [out] (float64) of changing the Linear by `delta` [out, in]
+  // under `kind` (see above); for pqi, `format` indexes the formats add_pqi was given.
+  at::Tensor row_cost(std::int64_t layer, int linear, SalienceKind kind, const at::Tensor& delta,
+                      std::size_t format) const;
+
+  // The post-quantization integral of every row for `formats` formats: for each format f,
+  // every Linear of every rank is moved to W + t·Δ_f (Δ_f = delta_of(layer, linear, f), asked
+  // for while the weights are W), `data` runs forward and backward at the Gauss-Legendre
+  // points t of [0, 1] (`points` = 1, 2 or 3), and pqi[f] of each row accumulates
+  // ∫₀¹ ∇L(W + tΔ)·Δ dt restricted to the row, L the mean micro-batch loss. The weights are W
+  // again afterwards. Collective; `model` is the one this profiler observes.
+  using DeltaOf = std::function<at::Tensor(std::int64_t layer, int linear, std::size_t format)>;
+  void integrate_pqi(ModelShard& model, const TokenSequences& data, const PipelineOptions& options,
+                     std::size_t formats, int points, const DeltaOf& delta_of, const ProgressCallback& progress = {});
+  bool has_pqi() const { return !stats_.empty() && stats_.front().pqi.defined(); }
+
   std::vector<LinearStats>& stats() { return stats_; }
   const std::vector<LinearStats>& stats() const { return stats_; }
   const LinearStats& stats(std::int64_t layer, int linear) const;
   const Linear& weights(std::int64_t layer, int linear) const;
-  // [out, in] float32 salience of `kind` for one Linear.
+  // [out, in] float32 salience of a per-weight `kind` for one Linear.
   at::Tensor salience(std::int64_t layer, int linear, SalienceKind kind) const;
   // Rows [begin, end) of it (causal and fisher: a view of the accumulator, no copy).
   at::Tensor salience_rows(std::int64_t layer, int linear, SalienceKind kind, std::int64_t begin,
@@ -96,13 +147,16 @@ class Profiler {
   void load(const storage::H5File& file);
 
  private:
-  at::Tensor global_sample(SalienceKind kind) const;
+  at::Tensor global_sample() const;
+  std::size_t index(std::int64_t layer, int linear) const;
 
   const ModelShard& model_;
   Communicator& comm_;
   ProfilerOptions options_;
   std::vector<LinearStats> stats_;
   std::vector<at::Tensor> sample_index_;  // per local Linear: flat indices into [out*in]
+  std::vector<at::Tensor> hessian_;       // per local layer and input: Σ x xᵀ
+  std::vector<std::int64_t> hessian_tokens_;
   LinearObserver observer_;
   at::Tensor previous_sample_;
   std::int64_t last_check_ = 0;

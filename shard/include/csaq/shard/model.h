@@ -111,6 +111,10 @@ class ModelShard {
   const at::Tensor& final_norm() const { return final_norm_; }
   const at::Tensor& lm_head() const { return lm_head_; }
 
+  // Overwrites the values of decoder layer `layer`'s Linear `linear` weight (this rank's) in
+  // place; it stays the same leaf tensor. For estimates that evaluate the model elsewhere.
+  void set_linear_weight(std::int64_t layer, int linear, const at::Tensor& values);
+
   // First rank: token ids [b, L] -> hidden states [b, L, hidden].
   at::Tensor embed(const at::Tensor& ids) const;
   // Decoder layer `local` (0-based within this rank) on hidden states [b, L, hidden].

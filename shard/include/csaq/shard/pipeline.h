@@ -25,6 +25,7 @@ namespace csaq {
 struct PipelineOptions {
   std::int64_t micro_batch_size = 1;  // sequences per micro-batch
   std::int64_t in_flight = 4;         // micro-batches forwarded before their backward passes
+  bool backward = true;               // false: calibrate runs forward passes only (no gradients)
 };
 
 struct LossTotals {
@@ -79,8 +80,9 @@ class Pipeline {
 
   // Forward and backward of every micro-batch from `resume` on; `on_grads` sees each layer's
   // weight gradients, `observer` (if any) every Linear's input and output (detach before
-  // keeping). Returns the totals of all micro-batches, those before `resume` included, summed
-  // in the same order as an uninterrupted run.
+  // keeping). With options.backward false, forward passes only: on_grads is never called and
+  // the observer's tensors carry no graph. Returns the totals of all micro-batches, those
+  // before `resume` included, summed in the same order as an uninterrupted run.
   LossTotals calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                        const LinearObserver* observer = nullptr,
                        const LogitsCallback& on_logits = {},
