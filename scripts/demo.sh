@@ -19,3 +19,5 @@ $csaq eval --quantized demo/demo-csaq.h5 --data demo/heldout.txt --seq-len 256 \
   --report demo/eval-report.json --overwrite
 ./build/launcher/csaq inspect demo/demo-csaq.h5 | tail -5
 echo "reports: demo/quantize-report.json demo/eval-report.json"
+echo "(the demo model's weights are random, far from any minimum of its text: the cost model's first-order"
+echo " term picks formats whose errors go down the calibration gradient, so perplexity may even drop)"

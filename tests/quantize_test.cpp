@@ -563,6 +563,25 @@ TEST(Solver, AchievedBitsLieWithinOneUnitBelowTheTargetAndAreTheStoredBits) {
   }
 }
 
+TEST(Solver, SpendsTheBudgetEvenWhenTheCostModelPrefersFewerBits) {
+  // A cost model that predicts gains from coarser rows (as a first-order term can): the plan
+  // still comes within one unit of the target, adding the bits it predicts cost least.
+  LocalCommunicator comm;
+  auto linears = random_linears(1, 5);
+  for (auto& in : linears) {
+    const RowCost base = in.cost;
+    in.cost = [base](const at::Tensor& d, std::size_t f) { return -base(d, f); };
+  }
+  SolverOptions o;
+  o.bit_options = {2, 4, 8};
+  o.group_options = {64};
+  o.target_bits = 5.0;
+  const Plan plan = solve(linears, 1, comm, o);
+  EXPECT_LE(double(plan.summary.total_bits), 5.0 * double(plan.summary.weights));
+  EXPECT_GE(double(plan.summary.total_bits), 5.0 * double(plan.summary.weights) - 3 * 256 * 6 - 4 * 24 - 7 * kPaddingReserveBits);
+  EXPECT_LT(plan.summary.lambda, 0);
+}
+
 TEST(Solver, MoreSalientUnitsGetMoreBits) {
   LocalCommunicator comm;
   auto linears = random_linears(1, 3);

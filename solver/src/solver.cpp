@@ -182,15 +182,32 @@ class Solver {
     for (auto& u : units_) u.choice = at::where(u.density >= t, at::full_like(u.leaders, hi), at::full_like(u.leaders, lo));
   }
 
+  // λ > 0 prices bits; when even λ = 0 (every unit at its least cost) fits, the cost model
+  // says more bits would not help, and the budget is spent anyway at λ < 0: the plan that
+  // adds the most bits for the least predicted cost, up to the target.
   double lagrangian() {
     choose_lagrangian(0.0);
-    if (global_bits() <= budget_) return 0.0;
+    if (global_bits() <= budget_) {
+      for (auto& u : units_) u.choice = at::argmax(u.bits, 1);
+      if (global_bits() <= budget_) return 0.0;  // everything at its most bits fits
+      double lo = -1.0, hi = 0.0;
+      for (int i = 0; i < 2000; ++i, lo *= 2) {
+        choose_lagrangian(lo);
+        if (global_bits() > budget_) break;
+        hi = lo;
+      }
+      return bisect(lo, hi);
+    }
     double hi = 1.0;
     for (int i = 0; i < 2000; ++i, hi *= 2) {
       choose_lagrangian(hi);
       if (global_bits() <= budget_) break;
     }
-    double lo = 0.0;
+    return bisect(0.0, hi);
+  }
+
+  // lo over the budget, hi within it: bisects, then closes the gap.
+  double bisect(double lo, double hi) {
     for (int i = 0; i < 200; ++i) {
       const double mid = 0.5 * (lo + hi);
       if (mid <= lo || mid >= hi) break;
