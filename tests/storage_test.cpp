@@ -1,9 +1,13 @@
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "csaq/storage/error.h"
 #include "csaq/storage/files.h"
+#include "csaq/storage/h5.h"
 #include "csaq/storage/npy.h"
 #include "csaq/storage/safetensors.h"
 #include "support.h"
@@ -156,6 +160,13 @@ TEST(SafetensorsErrors, ByteCountMismatch) {
                     "needs 6 bytes");
 }
 
+TEST(SafetensorsErrors, ShapeWhoseElementCountOverflows) {
+  TempDir dir;  // 2^96 elements: wraps to 0 in 64 bits, which would match the empty data
+  write_raw(dir / "o.safetensors",
+            R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}})", 0);
+  EXPECT_CSAQ_ERROR(SafetensorsFile::open(dir / "o.safetensors"), "tensor 'w'", "more elements than any file can hold");
+}
+
 TEST(SafetensorsErrors, UnknownDtype) {
   TempDir dir;
   write_raw(dir / "d.safetensors", R"({"w":{"dtype":"F8_E4M3X","shape":[1],"data_offsets":[0,1]}})", 1);
@@ -226,6 +237,93 @@ TEST(AtomicFile, UncommittedWriteLeavesNothing) {
   }
   EXPECT_FALSE(std::filesystem::exists(dir / "out.txt"));
   EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
+}
+
+
+// What a file holds, for checking that a refusal left it alone.
+std::string contents(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+TEST(AtomicFile, ATargetThatAppearsWhileWritingIsKeptAndTemporaryNamesDiffer) {
+  TempDir dir;
+  AtomicFile a(dir / "out.txt", false), b(dir / "out.txt", false);  // two runs, one target
+  a.write("first");
+  b.write("second");
+  std::size_t temporaries = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) temporaries += e.path().filename() != "out.txt";
+  EXPECT_EQ(temporaries, 2u) << "each writer has its own temporary file";
+  a.commit();
+  EXPECT_CSAQ_ERROR(b.commit(), "appeared while csaq was writing it");
+  EXPECT_EQ(contents(dir / "out.txt"), "first");
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir.path()), {}), 1) << "no temporary left";
+  // With overwrite the later one wins.
+  AtomicFile c(dir / "out.txt", true);
+  c.write("third");
+  c.commit();
+  EXPECT_EQ(contents(dir / "out.txt"), "third");
+}
+
+TEST(AtomicFile, NothingButARegularFileIsEverReplaced) {
+  TempDir dir;
+  ASSERT_EQ(::mkfifo((dir / "fifo").c_str(), 0600), 0);
+  std::filesystem::create_directory(dir / "sub");
+  for (const char* name : {"fifo", "sub"}) {
+    EXPECT_CSAQ_ERROR(AtomicFile(dir / name, true), "csaq writes regular files only");
+    std::ofstream(dir / "tmp.txt") << "x";
+    EXPECT_CSAQ_ERROR(durable_rename(dir / "tmp.txt", dir / name, /*replace=*/true), "is a");
+  }
+  EXPECT_TRUE(std::filesystem::is_fifo(dir / "fifo"));
+  EXPECT_TRUE(std::filesystem::is_directory(dir / "sub"));
+}
+
+TEST(CheckOutputs, AnOutputThatIsAnInputOrAnotherOutputIsRefusedByInode) {
+  TempDir dir;
+  std::filesystem::create_directory(dir / "model");
+  std::ofstream(dir / "model/config.json") << "{}";
+  std::ofstream(dir / "data.txt") << "text";
+  std::filesystem::create_hard_link(dir / "data.txt", dir / "alias.txt");  // another name, the same file
+  const std::vector<NamedPath> inputs{{"--model", dir / "model"}, {"--data", dir / "data.txt"}};
+  EXPECT_CSAQ_ERROR(check_outputs({{"--report", dir / "alias.txt"}}, inputs, true), "--report", "is the input --data");
+  EXPECT_CSAQ_ERROR(check_outputs({{"--out", dir / "model/config.json"}}, inputs, true), "of the input --model");
+  EXPECT_CSAQ_ERROR(check_outputs({{"--out", dir / "x.h5"}, {"--report", dir / "./x.h5"}}, inputs, true),
+                    "--report and --out name the same file");
+  EXPECT_CSAQ_ERROR(check_outputs({{"--report", dir / "missing/r.json"}}, inputs, true), "does not exist");
+  EXPECT_CSAQ_ERROR(check_outputs({{"--report", dir / "data.txt"}}, {}, false), "--overwrite");
+  check_outputs({{"--out", dir / "model/q.h5"}, {"--report", dir / "r.json"}}, inputs, false);  // fine
+  EXPECT_EQ(contents(dir / "data.txt"), "text");
+}
+
+TEST(Files, AFifoOrADirectoryInPlaceOfAFileIsNamedNotOpened) {
+  TempDir dir;
+  ASSERT_EQ(::mkfifo((dir / "model.safetensors").c_str(), 0600), 0);
+  std::filesystem::create_directory(dir / "config.json");
+  EXPECT_CSAQ_ERROR(MappedFile(dir / "model.safetensors"), "model.safetensors' is a FIFO, not a regular file");
+  EXPECT_CSAQ_ERROR(read_text_file(dir / "config.json"), "config.json' is a directory, not a regular file");
+}
+
+TEST(H5File, ADatasetWhoseBytesChangedIsNamedOnRead) {
+  TempDir dir;
+  const at::Tensor marker = at::arange(64, at::kByte) * 3 + 7;  // a pattern to find in the file
+  {
+    H5File f = H5File::create(dir / "f.h5", false);
+    f.put("group/data", marker);
+    f.put("other", at::ones({4}));
+    nlohmann::json sums(f.written_checksums());
+    f.put_text(H5File::kChecksums, sums.dump());
+    f.close();
+  }
+  EXPECT_TRUE(at::equal(H5File::open_read(dir / "f.h5").read("group/data"), marker));
+  std::string bytes = contents(dir / "f.h5");
+  const std::string pattern(reinterpret_cast<const char*>(marker.data_ptr()), 64);
+  const std::size_t at = bytes.find(pattern);
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 10] = static_cast<char>(bytes[at + 10] ^ 0x01);  // one flipped bit
+  std::ofstream(dir / "f.h5", std::ios::binary | std::ios::trunc) << bytes;
+  const H5File f = H5File::open_read(dir / "f.h5");
+  EXPECT_CSAQ_ERROR(f.read("group/data"), "dataset 'group/data'", "is corrupted");
+  EXPECT_TRUE(at::equal(f.read("other"), at::ones({4})));
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ namespace {
 volatile std::sig_atomic_t g_preempt = 0;
 extern "C" void on_preempt_signal(int) { g_preempt = 1; }
 
-constexpr std::int64_t kCalibrationFormat = 1;
+constexpr std::int64_t kCalibrationFormat = 2;  // 2: input Hessians, gradient sums, output-gradient energies
 
 // FNV-1a, 64-bit: a fingerprint, not a security measure.
 std::uint64_t fnv1a(const void* data, std::size_t size, std::uint64_t h = 1469598103934665603ULL) {
@@ -62,7 +62,10 @@ std::vector<std::pair<std::int64_t, std::string>> committed(const std::string& d
   if (!fs::is_directory(dir, ec)) return out;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
-    if (name.rfind("calib-", 0) != 0 || name.size() != 19 || name.substr(16) != ".h5") continue;
+    // Only names this run writes count: anything else a user leaves here is ignored.
+    if (name.rfind("calib-", 0) != 0 || name.size() != 19 || name.substr(16) != ".h5" ||
+        name.substr(6, 10).find_first_not_of("0123456789") != std::string::npos)
+      continue;
     if (!fs::exists(e.path().string() + ".done", ec)) continue;  // never committed: ignored
     out.emplace_back(std::stoll(name.substr(6, 10)), e.path().string());
   }
@@ -80,19 +83,23 @@ void install_preemption_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
 }
 
-json calibration_fingerprint(const std::string& model_dir, const TokenSequences& data, const json& options) {
-  json weights = json::array();
+json calibration_fingerprint(const std::string& model_dir, const TokenSequences& data, const json& options,
+                            Communicator& comm) {
   std::vector<fs::path> files;
   for (const auto& e : fs::directory_iterator(model_dir))
     if (e.path().extension() == ".safetensors") files.push_back(e.path());
   std::sort(files.begin(), files.end());
-  for (const auto& f : files) {
-    storage::MappedFile m(f.string());
-    std::uint64_t header = 0;
-    for (int i = 7; i >= 0 && m.size() >= 8; --i) header = (header << 8) | m.data()[i];
-    const std::size_t n = m.size() >= 8 ? static_cast<std::size_t>(std::min<std::uint64_t>(header + 8, m.size())) : m.size();
-    weights.push_back({{"file", f.filename().string()}, {"bytes", m.size()}, {"header", hex(fnv1a(m.data(), n))}});
-  }
+  // Every byte of the weights, the files shared out between the ranks (rank r hashes files
+  // r, r + W, ...), so the same files give the same fingerprint on any number of ranks.
+  at::Tensor crc = at::zeros({static_cast<std::int64_t>(files.size())}, at::kLong);
+  for (std::size_t i = static_cast<std::size_t>(comm.rank()); i < files.size(); i += static_cast<std::size_t>(comm.size()))
+    crc[static_cast<std::int64_t>(i)] = static_cast<std::int64_t>(storage::file_crc32(files[i].string()));
+  comm.all_reduce(crc, ReduceOp::kSum);
+  json weights = json::array();
+  for (std::size_t i = 0; i < files.size(); ++i)
+    weights.push_back({{"file", files[i].filename().string()},
+                       {"bytes", fs::file_size(files[i])},
+                       {"crc32", hex(static_cast<std::uint64_t>(crc[static_cast<std::int64_t>(i)].item<std::int64_t>()))}});
   const std::string config = storage::read_text_file((fs::path(model_dir) / "config.json").string());
   const at::Tensor tokens = data.batch(0, data.size()).contiguous();
   return {{"format_version", kCalibrationFormat},
@@ -102,6 +109,17 @@ json calibration_fingerprint(const std::string& model_dir, const TokenSequences&
           {"options", options}};
 }
 
+// Removes what interrupted writes of checkpoints left here (`calib-<N>.h5.partial.<id>`): a run
+// that crashed mid-write leaves one, and for a large model it is as large as a checkpoint.
+void remove_interrupted_writes(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("calib-", 0) == 0 && name.find(".h5.partial.") != std::string::npos && e.is_regular_file(ec))
+      fs::remove(e.path(), ec);
+  }
+}
+
 CalibrationCheckpointer::CalibrationCheckpointer(std::string dir, std::int64_t every, json fingerprint,
                                                  Communicator& comm)
     : dir_(std::move(dir)), every_(every), fingerprint_(std::move(fingerprint)), comm_(comm) {
@@ -109,6 +127,7 @@ CalibrationCheckpointer::CalibrationCheckpointer(std::string dir, std::int64_t e
     std::error_code ec;
     fs::create_directories(dir_, ec);
     CSAQ_CHECK(!ec, "cannot create checkpoint directory '", dir_, "': ", ec.message());
+    remove_interrupted_writes(dir_);
   }
   comm_.barrier();
 }
@@ -213,6 +232,7 @@ void CalibrationCheckpointer::remove_all() {
       fs::remove(path + ".done", ec);
       fs::remove(path, ec);
     }
+    remove_interrupted_writes(dir_);
     std::error_code ec;
     fs::remove(dir_, ec);  // only when empty
   }

@@ -28,9 +28,10 @@ struct Preempted {
 void install_preemption_handlers();
 
 // What must match for a checkpoint to be resumed: format, model files, calibration tokens,
-// options. Cheap: hashes of config.json, of each safetensors header and of the token windows.
+// options: hashes of config.json, of every byte of each safetensors file (CRC-32, the files
+// shared out between the ranks) and of the token windows. Collective.
 nlohmann::json calibration_fingerprint(const std::string& model_dir, const TokenSequences& data,
-                                       const nlohmann::json& options);
+                                       const nlohmann::json& options, Communicator& comm);
 
 class CalibrationCheckpointer {
  public:

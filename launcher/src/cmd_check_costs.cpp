@@ -69,7 +69,9 @@ int run_check_costs(const std::vector<std::string>& args, Communicator& comm) {
   if (unit != "row" && unit != "linear") throw UsageError{"--unit must be row or linear"};
   if (samples < 3) throw UsageError{"--samples must be at least 3"};
   const bool overwrite = vm.count("overwrite") > 0;
-  if (!report_path.empty() && comm.rank() == 0) storage::check_writable_target(report_path, overwrite);
+  check_outputs(comm, {{"--report", report_path}},
+                {{"--model", model_dir}, {"--profile", profile_path}, {"--data", data_path}, {"--tokenizer", tokenizer}},
+                overwrite);
   set_threads(threads, comm);
   SolverOptions sopt;
   fa.apply(sopt);

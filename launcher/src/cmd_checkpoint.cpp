@@ -66,7 +66,7 @@ int run_inspect(const std::vector<std::string>& args, Communicator& comm) {
     std::int64_t layer_weights = 0, layer_bits = 0;
     for (int i = 0; i < kNumLinears; ++i) {
       const PackedLinear p = ckpt.linear(l, i);
-      const LinearLayout layout = decode_layout(p, ckpt_path + ": " + hf_linear_name(l, i));
+      const LinearLayout layout = decode_layout(p, ckpt.linear_where(l, i));
       const at::Tensor count = at::bincount(layout.row_format, {}, static_cast<std::int64_t>(layout.formats.size()));
       for (std::size_t f = 0; f < layout.formats.size(); ++f) {
         const Format& fm = layout.formats[f];

@@ -38,13 +38,16 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   if (vm.count("max-sequences") && max_sequences < 1) throw UsageError{"--max-sequences must be at least 1"};
   if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
   const bool overwrite = vm.count("overwrite") > 0;
-  if (!report_path.empty() && comm.rank() == 0) storage::check_writable_target(report_path, overwrite);
+  check_outputs(comm, {{"--report", report_path}},
+                {{"--model", model_dir}, {"--quantized", quantized}, {"--data", data_path}, {"--tokenizer", tokenizer}},
+                overwrite);
   set_threads(threads, comm);
 
   const auto t0 = std::chrono::steady_clock::now();
   std::unique_ptr<QuantizedCheckpoint> ckpt;
   if (!quantized.empty()) ckpt = std::make_unique<QuantizedCheckpoint>(quantized);
-  const ModelConfig config = ckpt ? ckpt->config() : ModelConfig::load(model_dir);
+  const ModelConfig config = ckpt ? ckpt->config() : model_config(model_dir, comm);
+  warn_if_beyond_positions(config, seq_len, comm);
   const at::ScalarType type = compute_dtype(dtype, config);
   ModelShard model = ckpt ? ModelShard(config, comm.rank(), comm.size(), ckpt->source(), type)
                           : load_model_shard(model_dir, comm.rank(), comm.size(), type);

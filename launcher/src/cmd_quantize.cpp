@@ -161,6 +161,13 @@ struct ProfileArgs {
   }
   // `gradients` false: forward passes only (GPTQ needs only the input Hessians).
   ProfilerOptions options(bool gradients) const {
+    if (samples < 1) throw UsageError{"--samples must be at least 1"};
+    if (seq_len < 2) throw UsageError{"--seq-len must be at least 2 (a token and the next)"};
+    if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
+    if (in_flight < 1) throw UsageError{"--in-flight must be at least 1"};
+    if (candidates < 1) throw UsageError{"--candidates must be at least 1"};
+    if (checkpoint_every < 0) throw UsageError{"--checkpoint-every must be 0 (only on signals) or positive"};
+    if (!(rho > -1.0)) throw UsageError{"--early-stop-rho must be above -1 (a rank correlation; > 1 never stops)"};
     if (pqi_samples < 1) throw UsageError{"--pqi-samples must be at least 1"};
     if (pqi_points < 1 || pqi_points > 3) throw UsageError{"--pqi-points must be 1, 2 or 3"};
     ProfilerOptions p;
@@ -181,12 +188,15 @@ struct SolveArgs {
     o.add_options()
         ("target-bits", po::value(&target)->required(), "average bits per decoder weight")
         ("target", po::value(&target_kind)->default_value(target_kind), "what --target-bits counts: total (everything stored) or payload (codes only)")
-        ("clique-threshold", po::value(&clique_threshold)->default_value(clique_threshold), "Jaccard similarity that joins a channel to a clique")
+        ("clique-threshold", po::value(&clique_threshold)->default_value(clique_threshold), "Jaccard similarity that joins a channel to a clique (above 1: no cliques)")
         ("solver", po::value(&solver)->default_value(solver), "lagrangian | threshold");
   }
   // `method`: csaq (mixed formats), gptq or rtn (uniform).
   SolverOptions options(const std::string& method, const FormatArgs& formats) const {
     if (target_kind != "total" && target_kind != "payload") throw UsageError{"--target must be total or payload"};
+    if (!(target > 0) || !std::isfinite(target)) throw UsageError{"--target-bits must be a positive number"};
+    if (!(clique_threshold >= 0) || !std::isfinite(clique_threshold))
+      throw UsageError{"--clique-threshold must be a Jaccard similarity, 0 to 1 (above 1: no cliques)"};
     SolverOptions s;
     formats.apply(s);
     s.kind = method == "csaq" ? parse_solver_kind(solver) : SolverKind::kUniform;
@@ -230,22 +240,6 @@ void check_target(const ModelConfig& config, const SolverOptions& sopt) {
   check_target_reachable(shapes, sopt);
 }
 
-// Refuses (on every rank, before any work) outputs that exist without --overwrite and outputs
-// that are one of the inputs.
-void check_outputs(bool overwrite, std::initializer_list<std::string> paths,
-                   std::initializer_list<std::string> inputs) {
-  namespace fs = std::filesystem;
-  for (const auto& p : paths) {
-    if (p.empty()) continue;
-    for (const auto& in : inputs) {
-      std::error_code ec;
-      CSAQ_CHECK(in.empty() || fs::weakly_canonical(p, ec) != fs::weakly_canonical(in, ec), "output '", p,
-                 "' is the input '", in, "'; choose another output path");
-    }
-    storage::check_writable_target(p, overwrite);
-  }
-}
-
 // Stage 1 on every rank, resuming from `checkpoints`' newest checkpoint as --resume says;
 // `gradients` false runs forward passes only. Returns the report fragment.
 json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, bool gradients,
@@ -257,7 +251,7 @@ json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, 
   data.check_vocabulary(model.config().vocab_size);
   checkpoints = std::make_unique<CalibrationCheckpointer>(
       a.checkpoint_dir.empty() ? out + ".calib" : a.checkpoint_dir, a.checkpoint_every,
-      calibration_fingerprint(model_dir, data, a.fingerprint_options(gradients)), comm);
+      calibration_fingerprint(model_dir, data, a.fingerprint_options(gradients), comm), comm);
   const ResumePoint start = checkpoints->resume(a.resume, profiler);
   Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight, gradients});
   ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0, 1.0,
@@ -410,14 +404,16 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   const bool rtn = method == "rtn", gradients = method == "csaq";
   if (!rtn && pa.calib.empty()) throw UsageError{"--calib is required for --method " + method};
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(overwrite, {out, report_path}, {model_dir, pa.calib, pa.tokenizer});
+  check_outputs(comm, {{"--out", out}, {"--report", report_path}},
+                {{"--model", model_dir}, {"--calib", pa.calib}, {"--tokenizer", pa.tokenizer}}, overwrite);
   set_threads(threads, comm);
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options(method, fa);
   const ProfilerOptions popt = pa.options(gradients);
   if (!rtn) install_preemption_handlers();  // calibration can stop and resume; RTN simply restarts
-  const ModelConfig config = ModelConfig::load(model_dir);
+  const ModelConfig config = model_config(model_dir, comm);
   check_target(config, sopt);
+  if (!rtn) warn_if_beyond_positions(config, pa.seq_len, comm);
 
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype, config));
   json report = base_report("quantize", model_dir, comm);
@@ -457,14 +453,16 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   if (!parse_options("profile", options, args, vm, comm)) return 0;
   if (pa.calib.empty()) throw UsageError{"--calib is required"};
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(overwrite, {out}, {model_dir, pa.calib, pa.tokenizer});
+  check_outputs(comm, {{"--out", out}}, {{"--model", model_dir}, {"--calib", pa.calib}, {"--tokenizer", pa.tokenizer}},
+                overwrite);
   set_threads(threads, comm);
   SolverOptions sopt;
   fa.apply(sopt);
   const ProfilerOptions popt = pa.options(true);
   install_preemption_handlers();
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(),
-                                      compute_dtype(pa.dtype, ModelConfig::load(model_dir)));
+  const ModelConfig config = model_config(model_dir, comm);
+  warn_if_beyond_positions(config, pa.seq_len, comm);
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype, config));
   Profiler profiler(model, comm, popt);
   json report = base_report("profile", model_dir, comm);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
@@ -495,12 +493,12 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   po::variables_map vm;
   if (!parse_options("solve", options, args, vm, comm)) return 0;
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(overwrite, {out}, {model_dir, profile_path});
+  check_outputs(comm, {{"--out", out}}, {{"--model", model_dir}, {"--profile", profile_path}}, overwrite);
   set_threads(threads, comm);
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options("csaq", fa);
   const SalienceKind kind = parse_salience_kind(salience);
-  check_target(ModelConfig::load(model_dir), sopt);
+  check_target(model_config(model_dir, comm), sopt);
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
   const json saved = json::parse(storage::H5File::open_read(profile_path).read_text("profile.json"));
   if (kind == SalienceKind::kPqi) {
@@ -540,7 +538,8 @@ int run_pack(const std::vector<std::string>& args, Communicator& comm) {
   po::variables_map vm;
   if (!parse_options("pack", options, args, vm, comm)) return 0;
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(overwrite, {out, report_path}, {model_dir, plan_path, profile_path});
+  check_outputs(comm, {{"--out", out}, {"--report", report_path}},
+                {{"--model", model_dir}, {"--plan", plan_path}, {"--profile", profile_path}}, overwrite);
   set_threads(threads, comm);
   const auto start = Clock::now();
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());

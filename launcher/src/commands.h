@@ -8,6 +8,7 @@
 
 #include "csaq/shard/comm.h"
 #include "csaq/shard/config.h"
+#include "csaq/storage/files.h"
 
 namespace csaq::cli {
 
@@ -31,6 +32,16 @@ int run_check_costs(const std::vector<std::string>& args, Communicator& comm);
 bool parse_options(const std::string& command, boost::program_options::options_description& options,
                    const std::vector<std::string>& args, boost::program_options::variables_map& vm,
                    const Communicator& comm);
+
+// storage::check_outputs, decided on rank 0 for every rank, so that all stop with the same
+// message before any work (report files are rank 0's to write).
+void check_outputs(Communicator& comm, const std::vector<storage::NamedPath>& outputs,
+                   const std::vector<storage::NamedPath>& inputs, bool overwrite);
+
+// load_model_config, warning on rank 0 about tensors of the files the config does not use.
+ModelConfig model_config(const std::string& model_dir, const Communicator& comm);
+// Warns on rank 0 when `seq_len` exceeds the model's max_position_embeddings.
+void warn_if_beyond_positions(const ModelConfig& config, std::int64_t seq_len, const Communicator& comm);
 
 // The dtype a checkpoint stores its weights in (config.json torch_dtype / dtype; float32
 // when absent).

@@ -20,6 +20,7 @@
 #include "calibration_checkpoint.h"
 #include "commands.h"
 #include "csaq/packer/checkpoint.h"
+#include "csaq/shard/model.h"
 #include "csaq/storage/error.h"
 
 namespace {
@@ -45,6 +46,39 @@ const char* kUsage =
 
 namespace csaq::cli {
 namespace po = boost::program_options;
+
+void check_outputs(Communicator& comm, const std::vector<storage::NamedPath>& outputs,
+                   const std::vector<storage::NamedPath>& inputs, bool overwrite) {
+  std::string refusal;
+  if (comm.rank() == 0) {
+    try {
+      storage::check_outputs(outputs, inputs, overwrite);
+    } catch (const Error& e) {
+      refusal = e.what();
+    }
+  }
+  refusal = broadcast_string(comm, refusal);
+  CSAQ_CHECK(refusal.empty(), refusal);
+}
+
+ModelConfig model_config(const std::string& model_dir, const Communicator& comm) {
+  std::vector<std::string> unused;
+  ModelConfig config = load_model_config(model_dir, &unused);
+  if (comm.rank() == 0 && !unused.empty()) {
+    std::string names;
+    for (std::size_t i = 0; i < unused.size() && i < 5; ++i) names += (i ? ", " : "") + unused[i];
+    std::fprintf(stderr, "csaq: warning: %zu tensor(s) of '%s' are not part of the model config.json describes and are left out: %s%s\n",
+                 unused.size(), model_dir.c_str(), names.c_str(), unused.size() > 5 ? ", ..." : "");
+  }
+  return config;
+}
+
+void warn_if_beyond_positions(const ModelConfig& config, std::int64_t seq_len, const Communicator& comm) {
+  if (comm.rank() == 0 && config.max_position_embeddings > 0 && seq_len > config.max_position_embeddings)
+    std::fprintf(stderr, "csaq: warning: --seq-len %lld exceeds the model's max_position_embeddings %lld; positions "
+                 "beyond it were never trained\n", static_cast<long long>(seq_len),
+                 static_cast<long long>(config.max_position_embeddings));
+}
 
 bool parse_options(const std::string& command, po::options_description& options,
                    const std::vector<std::string>& args, po::variables_map& vm,
@@ -164,8 +198,11 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "csaq %s: error on rank %d of %d: %s\n", command.c_str(), rank, world, e.what());
     std::fflush(stderr);
+    std::fflush(stdout);
     // Other ranks may be waiting on this one in a send/recv or collective: end them all.
     if (world > 1) csaq::MpiRuntime::abort(1);
-    return 1;
+    // Alone: end without MPI_Finalize, whose library shutdown would close files a failed write
+    // left broken (HDF5 crashes doing so). Stack unwinding has already removed temporaries.
+    std::_Exit(1);
   }
 }

@@ -74,18 +74,38 @@ at::Tensor dense_tensor(const ModelShard& model, const std::string& name) {
 
 void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm,
                      const std::function<void(storage::H5File&)>& body) {
-  at::Tensor refuse = at::zeros({1}, at::kInt);
-  if (comm.rank() == 0 && !overwrite && fs::exists(path)) refuse.fill_(1);
-  comm.broadcast(refuse, 0);
-  CSAQ_CHECK(refuse.item<int>() == 0, "output '", path, "' already exists; pass --overwrite to replace it");
-  const std::string partial = path + ".partial";
-  {
+  // Rank 0 decides for all: the same refusal on every rank, and one temporary name no other
+  // run uses.
+  std::string refusal, partial;
+  if (comm.rank() == 0) {
+    try {
+      storage::check_writable_target(path, overwrite);
+      partial = storage::unique_sibling(path, "partial");
+    } catch (const Error& e) {
+      refusal = e.what();
+    }
+  }
+  refusal = broadcast_string(comm, refusal);
+  CSAQ_CHECK(refusal.empty(), refusal);
+  partial = broadcast_string(comm, partial);
+  try {
     H5File f = H5File::create(partial, comm.size() > 1);
     body(f);
+    // Every rank's checksums, gathered into one dataset (created by all, written by rank 0).
+    nlohmann::json sums = nlohmann::json::object();
+    nlohmann::json mine(f.written_checksums());
+    for (int r = 0; r < comm.size(); ++r)
+      sums.update(nlohmann::json::parse(broadcast_string(comm, comm.rank() == r ? mine.dump() : std::string(), r)));
+    f.put_text(H5File::kChecksums, sums.dump(), comm.rank() == 0);
     f.close();
+    comm.barrier();
+    // On disk before it gets its name; without --overwrite never over a file that appeared.
+    if (comm.rank() == 0) storage::durable_rename(partial, path, overwrite);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(partial, ec);  // nothing half-written stays behind (the run ends on every rank)
+    throw;
   }
-  comm.barrier();
-  if (comm.rank() == 0) storage::durable_rename(partial, path);  // on disk before it gets its name
   comm.barrier();
 }
 
@@ -360,12 +380,16 @@ PackedLinear QuantizedCheckpoint::linear(std::int64_t layer, int linear) const {
   return p;
 }
 
+std::string QuantizedCheckpoint::linear_where(std::int64_t layer, int linear) const {
+  const std::string g = linear_group(layer, linear);
+  return "'" + path_ + "': " + g.substr(0, g.size() - 1);
+}
+
 at::Tensor QuantizedCheckpoint::tensor(const std::string& name) const {
   for (std::int64_t l = 0; l < config_.num_layers; ++l)
     for (int i = 0; i < kNumLinears; ++i)
       if (name == hf_linear_name(l, i)) {
-        const std::string g = linear_group(l, i);
-        return unpack_linear(linear(l, i), "'" + path_ + "': " + g.substr(0, g.size() - 1));
+        return unpack_linear(linear(l, i), linear_where(l, i));
       }
   const std::string dense = "dense/" + name;
   return impl_->file.exists(dense) ? impl_->file.read(dense) : at::Tensor();
@@ -424,11 +448,16 @@ std::vector<std::string> export_checkpoint(const QuantizedCheckpoint& ckpt, cons
   config[config.contains("dtype") && !config.contains("torch_dtype") ? "dtype" : "torch_dtype"] = dtype_name(dtype);
   const std::vector<ModelFile> model_files = ckpt.model_files();
   const std::string config_path = (fs::path(dir) / "config.json").string();
-  storage::check_writable_target(config_path, overwrite);
-  for (const auto& m : model_files) storage::check_writable_target((fs::path(dir) / m.name).string(), overwrite);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  CSAQ_CHECK(!ec, "cannot create directory '", dir, "': ", ec.message());
+  const std::vector<storage::NamedPath> inputs{{"--quantized", ckpt.path()}};
+  std::vector<storage::NamedPath> targets{{"--out", config_path}};
+  for (const auto& m : model_files) targets.push_back({"--out", (fs::path(dir) / m.name).string()});
+  storage::check_outputs(targets, inputs, overwrite);
   std::vector<storage::NamedTensor> tensors;
   for (const auto& name : ckpt.tensor_names()) tensors.emplace_back(name, ckpt.tensor(name).to(dtype).contiguous());
-  std::vector<std::string> files = storage::write_safetensors_sharded(dir, tensors, max_shard_bytes, overwrite);
+  std::vector<std::string> files = storage::write_safetensors_sharded(dir, tensors, max_shard_bytes, overwrite, inputs);
   for (const auto& m : model_files) {
     files.push_back((fs::path(dir) / m.name).string());
     storage::write_file_atomic(files.back(), m.bytes, overwrite);

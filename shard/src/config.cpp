@@ -1,5 +1,6 @@
 #include "csaq/shard/config.h"
 
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -70,14 +71,18 @@ RopeConfig parse_rope(const json& j, const Keys& keys) {
       scaling_key = "rope_scaling";
     }
   }
-  CSAQ_CHECK(rope.theta > 0, keys.source(), ": rope_theta must be positive");
+  CSAQ_CHECK(rope.theta > 0 && std::isfinite(rope.theta), keys.source(), ": rope_theta must be a positive number");
   if (scaling == nullptr) return rope;
 
   const json& s = *scaling;
   std::string type = "default";
   if (s.contains("rope_type") && !s["rope_type"].is_null()) {
+    CSAQ_CHECK(s["rope_type"].is_string(), keys.source(), ": '", scaling_key, ".rope_type' must be a string, got ",
+               s["rope_type"].dump());
     type = s["rope_type"].get<std::string>();
   } else if (s.contains("type") && !s["type"].is_null()) {
+    CSAQ_CHECK(s["type"].is_string(), keys.source(), ": '", scaling_key, ".type' must be a string, got ",
+               s["type"].dump());
     type = s["type"].get<std::string>();
   } else {
     CSAQ_CHECK(scaling_key == "rope_parameters", keys.source(),
@@ -85,14 +90,21 @@ RopeConfig parse_rope(const json& j, const Keys& keys) {
   }
   rope.type = type;
   if (type == "default") return rope;
+  // Scaling factors divide frequencies: they must be positive and finite.
+  auto factor = [&](const char* key) {
+    const double v = keys.number(s, key, scaling_key + "." + key);
+    CSAQ_CHECK(v > 0 && std::isfinite(v), keys.source(), ": '", scaling_key, ".", key,
+               "' must be a positive number, got ", s[key].dump());
+    return v;
+  };
   if (type == "linear") {
-    rope.factor = keys.number(s, "factor", scaling_key + ".factor");
+    rope.factor = factor("factor");
     return rope;
   }
   if (type == "llama3") {
-    rope.factor = keys.number(s, "factor", scaling_key + ".factor");
-    rope.low_freq_factor = keys.number(s, "low_freq_factor", scaling_key + ".low_freq_factor");
-    rope.high_freq_factor = keys.number(s, "high_freq_factor", scaling_key + ".high_freq_factor");
+    rope.factor = factor("factor");
+    rope.low_freq_factor = factor("low_freq_factor");
+    rope.high_freq_factor = factor("high_freq_factor");
     CSAQ_CHECK(s.contains("original_max_position_embeddings"), keys.source(),
                ": missing required key '", scaling_key, ".original_max_position_embeddings'");
     rope.original_max_position_embeddings = keys.positive_int_value(
@@ -107,7 +119,7 @@ RopeConfig parse_rope(const json& j, const Keys& keys) {
 
 }  // namespace
 
-ModelConfig ModelConfig::parse(const std::string& text, const std::string& source) {
+ModelConfig ModelConfig::parse(const std::string& text, const std::string& source) try {
   json j;
   try {
     j = json::parse(text);
@@ -151,6 +163,9 @@ ModelConfig ModelConfig::parse(const std::string& text, const std::string& sourc
     CSAQ_CHECK(j["hidden_act"] == "silu", source, ": unsupported hidden_act ",
                j["hidden_act"].dump(), " (supported: \"silu\")");
   }
+  for (const char* key : {"torch_dtype", "dtype"})
+    CSAQ_CHECK(!keys.has(key) || j[key].is_string(), source, ": key '", key, "' must be a dtype name such as \"bfloat16\", got ",
+               j[key].dump());
   c.tie_word_embeddings = keys.boolean("tie_word_embeddings", false);
   if (c.model_type == "llama") {
     const bool attention_bias = keys.boolean("attention_bias", false);
@@ -166,7 +181,18 @@ ModelConfig ModelConfig::parse(const std::string& text, const std::string& sourc
   }
   if (keys.has("max_position_embeddings"))
     c.max_position_embeddings = keys.positive_int("max_position_embeddings");
+  // Sizes whose products would overflow (every element count must fit in int64) are refused
+  // here, before anything is allocated from them.
+  const long double vh = static_cast<long double>(c.vocab_size) * c.hidden_size;
+  const long double attn = static_cast<long double>(c.hidden_size) * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads);
+  const long double mlp = 3.0L * c.hidden_size * c.intermediate_size;
+  const long double total = 2 * vh + static_cast<long double>(c.num_layers) * (attn + mlp);
+  CSAQ_CHECK(total < 4.0e18L, source, ": its sizes describe ", static_cast<double>(total),
+             " parameters, more than any tensor index can hold; check vocab_size, hidden_size, intermediate_size, "
+             "num_hidden_layers and the head counts");
   return c;
+} catch (const json::exception& e) {  // a value of a type no check above expected
+  CSAQ_FAIL(source, ": unexpected value: ", e.what());
 }
 
 ModelConfig ModelConfig::load(const std::string& model_dir) {

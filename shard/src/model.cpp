@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <set>
 
 #include "csaq/storage/error.h"
 #include "csaq/storage/safetensors.h"
@@ -157,6 +158,9 @@ ModelShard::ModelShard(ModelConfig config, int rank, int world, const TensorSour
                " has dtype ", c10::toString(t.scalar_type()), "; weights must be floating point");
     CSAQ_CHECK(t.sizes().vec() == shape, "tensor '", name, "' in ", source.where(name),
                " has shape ", shape_str(t.sizes()), " but config.json implies ", shape_str(shape));
+    // A NaN or infinity would flow into every statistic and every quantized value.
+    CSAQ_CHECK(at::isfinite(t).all().item<bool>(), "tensor '", name, "' in ", source.where(name), " holds ",
+               (~at::isfinite(t)).sum().item<std::int64_t>(), " values that are NaN or infinite");
     return t.to(dtype_, /*non_blocking=*/false, /*copy=*/true);
   };
   auto fetch_either = [&](const char* primary, const char* tied_alternative) {
@@ -239,9 +243,58 @@ at::Tensor next_token_nll_sum(const at::Tensor& logits, const at::Tensor& ids) {
   return at::nll_loss(at::log_softmax(pred, -1), target, {}, at::Reduction::Sum);
 }
 
+namespace {
+// See load_model_config.
+std::vector<std::string> check_weights_against_config(const ModelConfig& c, const storage::SafetensorsReader& reader,
+                                                      const std::string& model_dir) {
+  std::set<std::string> expected{kEmbed, kLmHead, kFinalNorm};
+  std::int64_t held = 0;  // decoder layers the files hold: 1 + the largest index named
+  std::string example;
+  const std::string prefix = "model.layers.";
+  for (const auto& name : reader.names()) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::size_t end = name.find('.', prefix.size());
+    const std::string digits = name.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
+    if (digits.empty() || digits.size() > 12 || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::int64_t layer = std::stoll(digits);
+    if (layer + 1 > held) {
+      held = layer + 1;
+      example = name;
+    }
+  }
+  CSAQ_CHECK(held <= c.num_layers, "config.json of '", model_dir, "' has num_hidden_layers ", c.num_layers,
+             " but its safetensors files hold ", held, " decoder layers ('", example,
+             "'); csaq would leave layers out: fix config.json");
+  CSAQ_CHECK(held >= c.num_layers, "config.json of '", model_dir, "' has num_hidden_layers ", c.num_layers,
+             " but its safetensors files hold ", held, " decoder layers",
+             held > 0 ? " (the last is '" + example + "')" : std::string(), ": fix config.json or the weights");
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    expected.insert(layer_prefix(l) + "input_layernorm.weight");
+    expected.insert(layer_prefix(l) + "post_attention_layernorm.weight");
+    for (int i = 0; i < kNumLinears; ++i) {
+      expected.insert(hf_linear_name(l, i));
+      if (linear_has_bias(c, i)) expected.insert(hf_linear_name(l, i, "bias"));
+    }
+  }
+  std::vector<std::string> unused;
+  for (const auto& name : reader.names())
+    if (expected.count(name) == 0) unused.push_back(name);
+  return unused;
+}
+}  // namespace
+
+ModelConfig load_model_config(const std::string& model_dir, std::vector<std::string>* unused) {
+  ModelConfig config = ModelConfig::load(model_dir);
+  const auto reader = storage::SafetensorsReader::open(model_dir);
+  const auto extra = check_weights_against_config(config, reader, model_dir);
+  if (unused != nullptr) *unused = extra;
+  return config;
+}
+
 ModelShard load_model_shard(const std::string& model_dir, int rank, int world, at::ScalarType dtype) {
   ModelConfig config = ModelConfig::load(model_dir);
   auto reader = std::make_shared<storage::SafetensorsReader>(storage::SafetensorsReader::open(model_dir));
+  check_weights_against_config(config, *reader, model_dir);
   TensorSource source{
       [reader](const std::string& name) {
         return reader->contains(name) ? reader->load(name) : at::Tensor();

@@ -4,6 +4,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <cmath>
 #include <vector>
 
 #include "csaq/storage/error.h"
@@ -27,6 +28,14 @@ struct InFlight {
   at::Tensor head_input;            // last rank
   at::Tensor loss;                  // last rank: mean next-token loss of the micro-batch
 };
+
+// The last rank stops the run (all ranks end with it) where the loss stops being a number.
+void check_finite_loss(double nll, std::int64_t micro_batch, std::int64_t first, std::int64_t count,
+                       const TokenSequences& data) {
+  CSAQ_CHECK(std::isfinite(nll), "the loss of micro-batch ", micro_batch, " (sequences ", first, " to ",
+             first + count - 1, " of ", data.source(), ") is ", nll,
+             ": the model's activations overflow or hold NaN (try --dtype float32)");
+}
 
 }  // namespace
 
@@ -73,7 +82,9 @@ LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& 
     for (std::size_t i = 0; i < model_.decoder().size(); ++i) x = model_.layer_forward(i, x, pos);
     if (model_.is_last()) {
       const at::Tensor logits = model_.head(x);
-      totals.nll_sum += next_token_nll_sum(logits, ids).item<double>();
+      const double nll = next_token_nll_sum(logits, ids).item<double>();
+      check_finite_loss(nll, m, first, count, data);
+      totals.nll_sum += nll;
       totals.predicted_tokens += count * (len - 1);
       totals.sequences += count;
       if (on_logits) on_logits(m, ids, logits);
@@ -127,6 +138,7 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
         const at::Tensor logits = model_.head(f.head_input);
         const std::int64_t predicted = count * (len - 1);
         const at::Tensor nll = next_token_nll_sum(logits, f.ids);
+        check_finite_loss(nll.item<double>(), m, first, count, data);
         totals.nll_sum += nll.item<double>();
         totals.predicted_tokens += predicted;
         totals.sequences += count;

@@ -1,11 +1,14 @@
 #include "csaq/storage/h5.h"
 
 #include <hdf5.h>
+#include <zlib.h>
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <exception>
+#include <nlohmann/json.hpp>
 
 #include "csaq/storage/error.h"
 
@@ -18,7 +21,13 @@ std::string h5_message() {
   H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD,
            [](unsigned, const H5E_error2_t* e, void* out) -> herr_t {
              auto* m = static_cast<std::string*>(out);
-             if (e->desc != nullptr) *m = e->desc;
+             if (e->desc != nullptr) {
+               // A failed system call comes as a long record; its "error message = '...'" is the news.
+               const std::string d = e->desc;
+               const std::size_t at = d.find("error message = '");
+               const std::size_t end = at == std::string::npos ? at : d.find('\'', at + 17);
+               *m = end == std::string::npos ? d : d.substr(at + 17, end - at - 17);
+             }
              return 0;
            },
            &msg);
@@ -78,6 +87,20 @@ at::ScalarType scalar_of(hid_t type) {
   return at::ScalarType::Undefined;
 }
 
+std::uint32_t crc_of(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const auto* p = static_cast<const Bytef*>(c.data_ptr());
+  std::uint64_t left = static_cast<std::uint64_t>(c.nbytes());
+  uLong crc = crc32(0L, Z_NULL, 0);
+  while (left > 0) {  // crc32 takes a uInt length
+    const uInt n = static_cast<uInt>(std::min<std::uint64_t>(left, 1u << 30));
+    crc = crc32(crc, p, n);
+    p += n;
+    left -= n;
+  }
+  return static_cast<std::uint32_t>(crc);
+}
+
 struct Handle {  // closes an HDF5 id of any kind
   hid_t id;
   herr_t (*close)(hid_t);
@@ -114,7 +137,15 @@ H5File H5File::open_read(const std::string& path) {
   return f;
 }
 
-H5File::H5File(H5File&& o) noexcept : path_(std::move(o.path_)), file_(o.file_), collective_(o.collective_) { o.file_ = -1; }
+H5File::H5File(H5File&& o) noexcept
+    : path_(std::move(o.path_)),
+      file_(o.file_),
+      collective_(o.collective_),
+      written_(std::move(o.written_)),
+      expected_loaded_(o.expected_loaded_),
+      expected_(std::move(o.expected_)) {
+  o.file_ = -1;
+}
 
 H5File& H5File::operator=(H5File&& o) noexcept {
   if (this != &o) {
@@ -122,13 +153,19 @@ H5File& H5File::operator=(H5File&& o) noexcept {
     path_ = std::move(o.path_);
     file_ = o.file_;
     collective_ = o.collective_;
+    written_ = std::move(o.written_);
+    expected_loaded_ = o.expected_loaded_;
+    expected_ = std::move(o.expected_);
     o.file_ = -1;
   }
   return *this;
 }
 
 H5File::~H5File() {
-  if (file_ >= 0) H5Fclose(file_);
+  // Closing a file opened by every rank is collective: while an error unwinds the stack the
+  // other ranks are elsewhere, so it would wait for ever. The run is ending (main aborts
+  // every rank); leave the file to that.
+  if (file_ >= 0 && !(collective_ && std::uncaught_exceptions() > 0)) H5Fclose(file_);
 }
 
 void H5File::close() {
@@ -191,6 +228,7 @@ void H5File::write(const std::string& name, const at::Tensor& data) {
   Handle t{make_type(c.scalar_type()), H5Tclose};
   CSAQ_H5(H5Dwrite(d.id, t.id, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr()), "cannot write dataset '", name,
           "' in '", path_, "'");
+  written_[name] = crc_of(c);
 }
 
 void H5File::put(const std::string& name, const at::Tensor& data) {
@@ -224,7 +262,26 @@ at::Tensor H5File::read(const std::string& name) const {
   Handle t{make_type(st), H5Tclose};
   CSAQ_H5(H5Dread(d.id, t.id, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data_ptr()), "cannot read dataset '", name,
           "' in '", path_, "'");
+  if (name != kChecksums) verify(name, out);
   return out;
+}
+
+void H5File::verify(const std::string& name, const at::Tensor& data) const {
+  if (!expected_loaded_) {
+    expected_loaded_ = true;
+    if (exists(kChecksums)) {
+      try {
+        const nlohmann::json sums = nlohmann::json::parse(read_text(kChecksums));
+        for (const auto& [k, v] : sums.items()) expected_[k] = v.get<std::uint32_t>();
+      } catch (const nlohmann::json::exception& e) {
+        CSAQ_FAIL("'", kChecksums, "' in '", path_, "' is damaged: ", e.what());
+      }
+    }
+  }
+  const auto it = expected_.find(name);
+  if (it == expected_.end()) return;  // written before checksums were kept, or not written whole
+  CSAQ_CHECK(crc_of(data) == it->second, "dataset '", name, "' in '", path_,
+             "' is corrupted: its bytes no longer match the checksum recorded when it was written");
 }
 
 std::vector<std::string> H5File::list(const std::string& group) const {

@@ -59,7 +59,7 @@ at::Tensor read_npy_tokens(const std::string& path) {
               "' (token files must be 1-D little-endian int32, int64, uint16 or uint32)");
   }
   std::vector<std::int64_t> shape;
-  const std::regex dim(R"(\s*(\d+)\s*)");
+  const std::regex dim(R"(\s*(\d{1,18})\s*)");  // 18 digits: no int64 overflow
   std::size_t start = 0;
   while (start < shape_text.size()) {
     std::size_t comma = shape_text.find(',', start);

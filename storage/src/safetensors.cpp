@@ -118,7 +118,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
       CSAQ_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<std::int64_t>() >= 0),
                  at_tensor, ": shape ", entry["shape"].dump(), " has a non-integer or negative size");
       info.shape.push_back(d.get<std::int64_t>());
-      numel *= d.get<std::uint64_t>();
+      const std::uint64_t size = d.get<std::uint64_t>();
+      CSAQ_CHECK(size == 0 || numel <= (std::uint64_t{1} << 62) / size, at_tensor, ": shape ", entry["shape"].dump(),
+                 " has more elements than any file can hold");
+      numel *= size;
     }
     for (const auto& o : entry["data_offsets"])
       CSAQ_CHECK(o.is_number_unsigned() || (o.is_number_integer() && o.get<std::int64_t>() >= 0),
@@ -307,7 +310,8 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
 std::vector<std::string> write_safetensors_sharded(const std::string& dir,
                                                    const std::vector<NamedTensor>& tensors,
                                                    std::uint64_t max_shard_bytes,
-                                                   bool overwrite) {
+                                                   bool overwrite,
+                                                   const std::vector<NamedPath>& inputs) {
   std::vector<std::vector<NamedTensor>> shards(1);
   std::uint64_t in_shard = 0, total = 0;
   for (const auto& t : tensors) {
@@ -325,6 +329,7 @@ std::vector<std::string> write_safetensors_sharded(const std::string& dir,
   CSAQ_CHECK(!ec, "cannot create directory '", dir, "': ", ec.message());
   if (shards.size() == 1) {
     const std::string path = (fs::path(dir) / "model.safetensors").string();
+    check_outputs({{"--out", path}}, inputs, overwrite);
     write_safetensors(path, shards[0], {}, overwrite);
     return {path};
   }
@@ -336,9 +341,9 @@ std::vector<std::string> write_safetensors_sharded(const std::string& dir,
   };
   // Check every target first so that a refusal leaves nothing half-written.
   const std::string index_path = (fs::path(dir) / "model.safetensors.index.json").string();
-  check_writable_target(index_path, overwrite);
-  for (std::size_t i = 0; i < shards.size(); ++i)
-    check_writable_target((fs::path(dir) / shard_name(i)).string(), overwrite);
+  std::vector<NamedPath> targets{{"--out", index_path}};
+  for (std::size_t i = 0; i < shards.size(); ++i) targets.push_back({"--out", (fs::path(dir) / shard_name(i)).string()});
+  check_outputs(targets, inputs, overwrite);
 
   std::vector<std::string> written;
   json weight_map = json::object();

@@ -413,7 +413,7 @@ std::vector<Step> steps(const json& spec, const std::string& kind, const std::ve
 }  // namespace
 
 Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const std::string& config_json,
-                               const std::string& source) {
+                               const std::string& source) try {
   auto impl = std::make_shared<Impl>();
   impl->source = source;
   json t, cfg = json::object();
@@ -520,9 +520,11 @@ Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const std::str
   Tokenizer tok;
   tok.impl_ = impl;
   return tok;
+} catch (const json::exception& e) {  // a key of the wrong type or shape, wherever it is read
+  CSAQ_FAIL(source, " (or its tokenizer_config.json): unexpected value: ", e.what());
 }
 
-Tokenizer Tokenizer::load(const std::string& dir) {
+Tokenizer Tokenizer::load(const std::string& dir) try {
   namespace fs = std::filesystem;
   const fs::path d(dir);
   std::string config;
@@ -550,6 +552,8 @@ Tokenizer Tokenizer::load(const std::string& dir) {
   Tokenizer tok;
   tok.impl_ = impl;
   return tok;
+} catch (const json::exception& e) {
+  CSAQ_FAIL("tokenizer_config.json of '", dir, "': unexpected value: ", e.what());
 }
 
 std::vector<std::int64_t> Tokenizer::encode(const std::string& text, bool add_special) const {

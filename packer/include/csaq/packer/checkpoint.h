@@ -93,6 +93,8 @@ class QuantizedCheckpoint {
   const ModelConfig& config() const { return config_; }
   std::string report_json() const;
   PackedLinear linear(std::int64_t layer, int linear) const;
+  // "'<file>': linear/<layer>/<module>", the prefix of that Linear's datasets, for messages.
+  std::string linear_where(std::int64_t layer, int linear) const;
   // Tensors by Hugging Face name: Linear weights dequantized, the rest as stored.
   TensorSource source() const;
   // Every tensor name the checkpoint provides, in Hugging Face naming.

@@ -136,8 +136,15 @@ class ModelShard {
   std::vector<DecoderLayer> decoder_;
 };
 
+// <model_dir>/config.json, checked against the tensor names in the headers of its
+// safetensors files (no tensor is read) before anything is sized from it: the decoder layers
+// the files hold must be exactly the config's (more would be silently dropped, fewer would
+// fail late), named in the error. Tensors the config does not use otherwise (for example
+// old checkpoints' rotary_emb.inv_freq) are left out of the model and listed in `unused`.
+ModelConfig load_model_config(const std::string& model_dir, std::vector<std::string>* unused = nullptr);
+
 // Loads from a Hugging Face model directory (config.json + safetensors, single or sharded),
-// reading only the tensors this rank owns.
+// reading only the tensors this rank owns (config checked by load_model_config).
 ModelShard load_model_shard(const std::string& model_dir, int rank, int world_size,
                             at::ScalarType dtype = at::kFloat);
 

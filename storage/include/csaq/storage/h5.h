@@ -5,11 +5,17 @@
 // rank writes only the datasets (or rows) it owns. Paths such as "layers/3/q_proj/codes"
 // create their groups as needed. Supported element types: float32/64, float16, bfloat16,
 // int8/16/32/64, uint8. Errors name the file and the dataset. Not thread-safe.
+//
+// Integrity: the file records the CRC-32 of every dataset written whole by write(), and a
+// file that holds "checksums.json" (name -> CRC-32, written by whoever closes the writing:
+// see write_shared_h5) has every dataset checked against it on read(); a mismatch is an
+// error naming the dataset.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -44,14 +50,23 @@ class H5File {
   std::string read_text(const std::string& name) const;
   void close();
 
+  // CRC-32 of every dataset this process wrote with write(), by name.
+  const std::map<std::string, std::uint32_t>& written_checksums() const { return written_; }
+  static constexpr const char* kChecksums = "checksums.json";
+
  private:
   H5File() = default;
   std::int64_t open_dataset(const std::string& name) const;
   void ensure_parents(const std::string& name);
 
+  void verify(const std::string& name, const at::Tensor& data) const;
+
   std::string path_;
   std::int64_t file_ = -1;
   bool collective_ = false;
+  std::map<std::string, std::uint32_t> written_;
+  mutable bool expected_loaded_ = false;
+  mutable std::map<std::string, std::uint32_t> expected_;
 };
 
 }  // namespace csaq::storage

@@ -7,6 +7,8 @@
 // naming the file and, where there is one, the tensor.
 #pragma once
 
+#include "csaq/storage/files.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -89,10 +91,12 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
 
 // Writes `tensors` into directory `dir` as model.safetensors when they fit in one shard of
 // `max_shard_bytes`, else as model-0000i-of-0000N.safetensors plus
-// model.safetensors.index.json, as Hugging Face does. Returns the files written.
+// model.safetensors.index.json, as Hugging Face does. Every target is checked first (against
+// `inputs` too, see check_outputs), so a refusal writes nothing. Returns the files written.
 std::vector<std::string> write_safetensors_sharded(const std::string& dir,
                                                    const std::vector<NamedTensor>& tensors,
                                                    std::uint64_t max_shard_bytes,
-                                                   bool overwrite = false);
+                                                   bool overwrite = false,
+                                                   const std::vector<NamedPath>& inputs = {});
 
 }  // namespace csaq::storage
