@@ -49,16 +49,7 @@ namespace po = boost::program_options;
 
 void check_outputs(Communicator& comm, const std::vector<storage::NamedPath>& outputs,
                    const std::vector<storage::NamedPath>& inputs, bool overwrite) {
-  std::string refusal;
-  if (comm.rank() == 0) {
-    try {
-      storage::check_outputs(outputs, inputs, overwrite);
-    } catch (const Error& e) {
-      refusal = e.what();
-    }
-  }
-  refusal = broadcast_string(comm, refusal);
-  CSAQ_CHECK(refusal.empty(), refusal);
+  decide_on_rank0(comm, [&] { storage::check_outputs(outputs, inputs, overwrite); });
 }
 
 ModelConfig model_config(const std::string& model_dir, const Communicator& comm) {

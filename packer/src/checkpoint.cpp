@@ -76,17 +76,11 @@ void write_shared_h5(const std::string& path, bool overwrite, Communicator& comm
                      const std::function<void(storage::H5File&)>& body) {
   // Rank 0 decides for all: the same refusal on every rank, and one temporary name no other
   // run uses.
-  std::string refusal, partial;
-  if (comm.rank() == 0) {
-    try {
-      storage::check_writable_target(path, overwrite);
-      partial = storage::unique_sibling(path, "partial");
-    } catch (const Error& e) {
-      refusal = e.what();
-    }
-  }
-  refusal = broadcast_string(comm, refusal);
-  CSAQ_CHECK(refusal.empty(), refusal);
+  std::string partial;
+  decide_on_rank0(comm, [&] {
+    storage::check_writable_target(path, overwrite);
+    partial = storage::unique_sibling(path, "partial");
+  });
   partial = broadcast_string(comm, partial);
   try {
     H5File f = H5File::create(partial, comm.size() > 1);

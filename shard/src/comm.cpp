@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "csaq/shard/comm.h"
+#include "csaq/storage/error.h"
 
 namespace csaq {
 
@@ -14,6 +15,19 @@ std::string broadcast_string(Communicator& comm, const std::string& text, int ro
   comm.broadcast(bytes, root);
   const char* p = reinterpret_cast<const char*>(bytes.data_ptr());
   return std::string(p, p + bytes.numel());
+}
+
+void decide_on_rank0(Communicator& comm, const std::function<void()>& check) {
+  std::string refusal;
+  if (comm.rank() == 0) {
+    try {
+      check();
+    } catch (const Error& e) {
+      refusal = e.what();
+    }
+  }
+  refusal = broadcast_string(comm, refusal);
+  CSAQ_CHECK(refusal.empty(), refusal);
 }
 
 }  // namespace csaq

@@ -138,8 +138,9 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
         const at::Tensor logits = model_.head(f.head_input);
         const std::int64_t predicted = count * (len - 1);
         const at::Tensor nll = next_token_nll_sum(logits, f.ids);
-        check_finite_loss(nll.item<double>(), m, first, count, data);
-        totals.nll_sum += nll.item<double>();
+        const double nll_value = nll.item<double>();
+        check_finite_loss(nll_value, m, first, count, data);
+        totals.nll_sum += nll_value;
         totals.predicted_tokens += predicted;
         totals.sequences += count;
         f.loss = nll / static_cast<double>(predicted);

@@ -29,9 +29,7 @@ void fsync_dir_of(const std::string& path) {
   ::fsync(fd);
   ::close(fd);
 }
-}  // namespace
 
-namespace {
 // What a non-regular file is, for messages.
 const char* kind_of(mode_t mode) {
   if (S_ISDIR(mode)) return "a directory";
@@ -224,15 +222,21 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   }
 }
 
-std::uint32_t file_crc32(const std::string& path) {
-  const MappedFile m(path);
+std::uint32_t crc32_of(const void* data, std::size_t size) {
+  const auto* p = static_cast<const Bytef*>(data);
   uLong crc = crc32(0L, Z_NULL, 0);
-  for (std::size_t at = 0; at < m.size();) {
-    const auto n = static_cast<uInt>(std::min<std::size_t>(m.size() - at, std::size_t{1} << 30));
-    crc = crc32(crc, m.data() + at, n);
-    at += n;
+  while (size > 0) {  // zlib takes a uInt length
+    const auto n = static_cast<uInt>(std::min<std::size_t>(size, std::size_t{1} << 30));
+    crc = crc32(crc, p, n);
+    p += n;
+    size -= n;
   }
   return static_cast<std::uint32_t>(crc);
+}
+
+std::uint32_t file_crc32(const std::string& path) {
+  const MappedFile m(path);
+  return crc32_of(m.data(), m.size());
 }
 
 MappedFile::~MappedFile() {

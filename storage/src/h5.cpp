@@ -1,7 +1,6 @@
 #include "csaq/storage/h5.h"
 
 #include <hdf5.h>
-#include <zlib.h>
 
 #include <ATen/ATen.h>
 
@@ -11,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "csaq/storage/error.h"
+#include "csaq/storage/files.h"
 
 namespace csaq::storage {
 namespace {
@@ -89,16 +89,7 @@ at::ScalarType scalar_of(hid_t type) {
 
 std::uint32_t crc_of(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
-  const auto* p = static_cast<const Bytef*>(c.data_ptr());
-  std::uint64_t left = static_cast<std::uint64_t>(c.nbytes());
-  uLong crc = crc32(0L, Z_NULL, 0);
-  while (left > 0) {  // crc32 takes a uInt length
-    const uInt n = static_cast<uInt>(std::min<std::uint64_t>(left, 1u << 30));
-    crc = crc32(crc, p, n);
-    p += n;
-    left -= n;
-  }
-  return static_cast<std::uint32_t>(crc);
+  return crc32_of(c.data_ptr(), c.nbytes());
 }
 
 struct Handle {  // closes an HDF5 id of any kind

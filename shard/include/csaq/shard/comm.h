@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -41,6 +42,10 @@ class Communicator {
 
 // Rank `root`'s `text` on every rank (collective).
 std::string broadcast_string(Communicator& comm, const std::string& text, int root = 0);
+
+// Runs `check` on rank 0 only and makes its outcome every rank's (collective): when it throws
+// a csaq::Error, every rank throws one with the same message, so that all stop alike.
+void decide_on_rank0(Communicator& comm, const std::function<void()>& check);
 
 // World size 1: collectives are identities, send/recv have no peer and throw.
 class LocalCommunicator final : public Communicator {

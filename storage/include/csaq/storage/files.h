@@ -71,6 +71,9 @@ void require_regular_file(const std::string& path, const std::string& what);
 // Reads a whole small file (config, index, report) into a string; errors name the path.
 std::string read_text_file(const std::string& path);
 
+// CRC-32 (zlib's) of `size` bytes, of any size.
+std::uint32_t crc32_of(const void* data, std::size_t size);
+
 // CRC-32 of a whole file's bytes (memory-mapped; errors name the path).
 std::uint32_t file_crc32(const std::string& path);
 
