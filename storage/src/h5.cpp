@@ -1,12 +1,14 @@
 #include "csaq/storage/h5.h"
 
 #include <hdf5.h>
+#include <sys/statvfs.h>
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "csaq/storage/error.h"
@@ -41,6 +43,17 @@ std::string h5_message() {
     CSAQ_CHECK(csaq_h5_rc_ >= 0, __VA_ARGS__, ": ", h5_message());             \
     return csaq_h5_rc_;                                                        \
   }()
+
+// Said after a failed write to `path`: MPI-IO reports a full disk only as "file write failed",
+// so the free space of the file's filesystem is given, and named when it has run out.
+std::string space_note(const std::string& path) {
+  struct statvfs st {};
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  if (::statvfs(dir.empty() ? "." : dir.c_str(), &st) != 0) return "";
+  const unsigned long long free_bytes = static_cast<unsigned long long>(st.f_bavail) * st.f_frsize;
+  return (free_bytes < (1ull << 20) ? " (No space left on device: " : " (") + std::to_string(free_bytes) +
+         " bytes free on its filesystem)";
+}
 
 // Little-endian file types that are also the in-memory types (no conversion on write).
 hid_t make_type(at::ScalarType t) {
@@ -163,7 +176,7 @@ void H5File::close() {
   if (file_ < 0) return;
   const herr_t rc = H5Fclose(file_);
   file_ = -1;
-  CSAQ_CHECK(rc >= 0, "cannot close HDF5 file '", path_, "': ", h5_message());
+  CSAQ_CHECK(rc >= 0, "cannot close HDF5 file '", path_, "': ", h5_message(), space_note(path_));
 }
 
 void H5File::ensure_parents(const std::string& name) {
@@ -185,7 +198,7 @@ void H5File::create_dataset(const std::string& name, at::ScalarType type, const 
   H5Pset_fill_time(dcpl.id, H5D_FILL_TIME_NEVER);
   H5Pset_alloc_time(dcpl.id, H5D_ALLOC_TIME_EARLY);
   Handle d{CSAQ_H5(H5Dcreate2(file_, name.c_str(), t.id, space.id, H5P_DEFAULT, dcpl.id, H5P_DEFAULT),
-                   "cannot create dataset '", name, "' in '", path_, "'"),
+                   "cannot create dataset '", name, "' in '", path_, "'", space_note(path_)),
            H5Dclose};
 }
 
@@ -218,7 +231,7 @@ void H5File::write(const std::string& name, const at::Tensor& data) {
   const at::Tensor c = data.contiguous();
   Handle t{make_type(c.scalar_type()), H5Tclose};
   CSAQ_H5(H5Dwrite(d.id, t.id, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr()), "cannot write dataset '", name,
-          "' in '", path_, "'");
+          "' in '", path_, "'", space_note(path_));
   written_[name] = crc_of(c);
 }
 
