@@ -15,7 +15,7 @@ heldout=$shared/data/tinystories-heldout.npy
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-$csaq profile --model "$model" --calib "$calib" --seq-len 512 --salience pqi --out "$out/s.h5" 2>/dev/null >/dev/null
+$csaq profile --model "$model" --calib "$calib" --seq-len 512 --salience pqi --keep-all-statistics --out "$out/s.h5" 2>/dev/null >/dev/null
 echo "| cost model | 4.0 bits | 3.0 bits | 2.5 bits |"
 echo "| --- | --- | --- | --- |"
 for kind in taylor hessian pqi causal fisher activation magnitude; do

@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
-  libtorch-dev
+  libtorch-dev libopenblas0-openmp
   libopenmpi-dev openmpi-bin
   libhdf5-openmpi-dev
   libboost-program-options-dev
@@ -18,12 +18,22 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all packages present"
-  exit 0
-fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update
-$SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all packages present"
+else
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update
+  $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+# LibTorch's CPU matrix products go through libblas.so.3: OpenBLAS's OpenMP build, not
+# Debian's reference BLAS (11x slower) nor OpenBLAS's pthread build (its threads compete
+# with LibTorch's OpenMP threads). See docs/performance.md.
+arch=$(gcc -dumpmachine)  # x86_64-linux-gnu: the multiarch directory
+for alt in libblas.so.3 liblapack.so.3 libopenblas.so.0; do
+  target="/usr/lib/$arch/openblas-openmp/$alt"
+  if [ -e "$target" ] && [ "$(readlink -f "/usr/lib/$arch/$alt")" != "$(readlink -f "$target")" ]; then
+    $SUDO update-alternatives --set "$alt-$arch" "$target"
+  fi
+done

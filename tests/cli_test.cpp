@@ -102,6 +102,23 @@ TEST(Cli, Bfloat16ComputeStaysCloseToTheReferencePerplexity) {
   EXPECT_NE(h.output.find("--dtype float16 needs a CUDA build"), std::string::npos) << h.output;
 }
 
+TEST(Cli, AutoDtypeComputesSixteenBitCheckpointsInFloat32OnTheCpu) {
+  TempDir dir;
+  Result r = run(csaq() + " make-demo --out " + (dir / "demo") +
+                 " --layers 2 --hidden 64 --intermediate 160 --heads 4 --kv-heads 2 --vocab 260 --tokens 512 --dtype bfloat16");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(dir / "demo/config.json")["torch_dtype"], "bfloat16");
+  const std::string eval = csaq() + " eval --model " + (dir / "demo") + " --data " + (dir / "demo/tokens.npy") +
+                           " --seq-len 64 --max-sequences 2 --overwrite --report " + (dir / "r.json");
+  r = run(eval);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(dir / "r.json")["dtype"], "Float");  // CPU bfloat16 products are slow
+  EXPECT_NE(read_json(dir / "r.json")["runtime"]["blas"].get<std::string>(), "");
+  r = run(eval + " --dtype bfloat16");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(dir / "r.json")["dtype"], "BFloat16");  // still there when asked for
+}
+
 TEST(Cli, AnExistingReportIsNotOverwrittenWithoutAsking) {
   TempDir dir;
   make_demo(dir);
@@ -310,9 +327,27 @@ TEST(CliQuantize, PostQuantizationIntegralIsProfiledForItsFormatsAndCostsAreChec
   const std::string formats = " --bit-options 2,4 --group-options 32";
   Result r = run(mpirun(2) + " profile" + model + " --calib " + (dir / "demo/tokens.npy") +
                  " --seq-len 64 --samples 8 --salience pqi --pqi-samples 2 --pqi-points 1" + formats + " --out " +
-                 (dir / "s.h5"));
+                 (dir / "s.h5") + " --report " + (dir / "s.json"));
   ASSERT_EQ(r.rc, 0) << r.output;
   EXPECT_NE(r.output.find("[pqi] 2/2 passes"), std::string::npos) << r.output;
+  // The report says where each rank's time and memory went.
+  const json sr = read_json(dir / "s.json");
+  const json& pass = sr["time_s"]["calibration_pass"];
+  EXPECT_EQ(pass["tokens"], 8 * 64);
+  ASSERT_EQ(pass["phases"].size(), 2u);
+  for (const auto& ph : pass["phases"]) {
+    EXPECT_GT(ph["forward"].get<double>(), 0.0) << ph.dump();
+    EXPECT_GT(ph["backward"].get<double>(), 0.0) << ph.dump();
+    EXPECT_GT(ph["coactivation"].get<double>(), 0.0) << ph.dump();
+    double sum = 0;
+    for (const auto& [k, v] : ph.items())
+      if (k != "total") sum += v.get<double>();
+    EXPECT_NEAR(sum, ph["total"].get<double>(), 1e-6 + 1e-9 * sum) << ph.dump();
+  }
+  EXPECT_GT(pass["phases"][0]["communication"].get<double>(), 0.0);  // rank 0 waits on rank 1
+  ASSERT_EQ(sr["memory"]["peak_over_baseline_bytes"].size(), 2u);
+  for (const auto& b : sr["memory"]["peak_over_baseline_bytes"]) EXPECT_GT(b.get<std::int64_t>(), 0);
+  EXPECT_NE(sr["runtime"]["blas"].get<std::string>(), "");
   r = run(csaq() + " solve" + model + " --profile " + (dir / "s.h5") + " --salience pqi" + formats +
           " --target-bits 3.5 --out " + (dir / "p.h5"));
   ASSERT_EQ(r.rc, 0) << r.output;
@@ -332,7 +367,23 @@ TEST(CliQuantize, PostQuantizationIntegralIsProfiledForItsFormatsAndCostsAreChec
   for (const auto& s : cc["samples"]) {
     EXPECT_NE(s["true"].get<double>(), 0.0) << s.dump();  // quantizing a row moves the loss
     EXPECT_GT(s["predicted"]["magnitude"].get<double>(), 0.0) << s.dump();
+    EXPECT_FALSE(s["predicted"].contains("fisher")) << s.dump();
   }
+  // A profile keeps the statistics of its cost model only (pqi: the gradient sums and the
+  // causal salience, no fisher): the others are left out by name, or refused by solve.
+  EXPECT_NE(r.output.find("holds no statistics for cost model fisher"), std::string::npos) << r.output;
+  r = run(csaq() + " solve" + model + " --profile " + (dir / "s.h5") + " --salience fisher" + formats +
+          " --target-bits 3.5 --out " + (dir / "pf.h5"));
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("no 'fisher' statistics were accumulated"), std::string::npos) << r.output;
+  EXPECT_FALSE(storage::H5File::open_read(dir / "s.h5").exists("stats/0/mlp.up_proj/fisher"));
+  // --keep-all-statistics keeps every one, for any later cost model.
+  r = run(csaq() + " profile" + model + " --calib " + (dir / "demo/tokens.npy") +
+          " --seq-len 64 --samples 4 --keep-all-statistics --out " + (dir / "all.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run(csaq() + " solve" + model + " --profile " + (dir / "all.h5") + " --salience fisher" + formats +
+          " --target-bits 3.5 --out " + (dir / "pf.h5"));
+  EXPECT_EQ(r.rc, 0) << r.output;
 }
 
 TEST(CliQuantize, UnreachableTargetAndExistingOutputFailBeforeAnyWork) {

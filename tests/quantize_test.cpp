@@ -239,31 +239,32 @@ TEST_F(ToyCalibration, TopFractionAgreementEqualsBruteForceInAnyBlockSize) {
   EXPECT_EQ(top_fraction_agreement(profiler_, SalienceKind::kMagnitude, SalienceKind::kMagnitude, 0.05, comm_), 1.0);
 }
 
-TEST(CoActivation, CountsAndJaccardEqualBruteForce) {
-  const std::int64_t channels = 40, k = 12;
-  CoActivation tracker(channels, k, 0.25);
-  std::vector<at::Tensor> batches;
-  for (int b = 0; b < 4; ++b) batches.push_back(at::randn({2, 7, channels}));
+// Feeds `batches` ([b, t, channels] each) to a tracker and checks its candidates, counts and
+// Jaccard against firing sets built token by token with a full sort.
+void expect_counts_equal_brute_force(const std::vector<at::Tensor>& batches, std::int64_t channels, std::int64_t k,
+                                     double fraction) {
+  CoActivation tracker(channels, k, fraction);
   for (const auto& y : batches) tracker.observe(y);
   // Candidates: the k largest mean |y| on the first batch.
-  const at::Tensor mean0 = batches[0].reshape({-1, channels}).abs().mean(0);
+  const at::Tensor mean0 = batches[0].reshape({-1, channels}).abs().to(at::kFloat).mean(0);
   std::vector<std::int64_t> order(channels);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) { return mean0[a].item<float>() > mean0[b].item<float>(); });
   std::vector<std::int64_t> cand(order.begin(), order.begin() + k);
   std::sort(cand.begin(), cand.end());
   ASSERT_TRUE(at::equal(tracker.candidates(), at::tensor(cand, at::kLong)));
+  const auto top = static_cast<std::size_t>(std::ceil(fraction * static_cast<double>(channels)));
   // Firing sets token by token.
   std::vector<std::set<std::int64_t>> fires(channels);
   std::int64_t token = 0;
   for (const auto& y : batches) {
-    const at::Tensor a = y.reshape({-1, channels}).abs();
+    const at::Tensor a = y.reshape({-1, channels}).abs().to(at::kFloat);
     for (std::int64_t t = 0; t < a.size(0); ++t, ++token) {
       std::vector<float> v(channels);
       for (std::int64_t c = 0; c < channels; ++c) v[c] = a[t][c].item<float>();
       std::vector<float> sorted = v;
       std::sort(sorted.rbegin(), sorted.rend());
-      const float threshold = sorted[9];  // top 25% of 40 channels = 10
+      const float threshold = sorted[top - 1];
       for (std::int64_t c = 0; c < channels; ++c)
         if (v[c] >= threshold) fires[c].insert(token);
     }
@@ -276,10 +277,27 @@ TEST(CoActivation, CountsAndJaccardEqualBruteForce) {
       std::int64_t inter = 0;
       for (auto t : fi) inter += fj.count(t);
       const std::int64_t uni = std::int64_t(fi.size() + fj.size()) - inter;
-      EXPECT_EQ(tracker.counts()[i][j].item<std::int64_t>(), inter);
+      ASSERT_EQ(tracker.counts()[i][j].item<std::int64_t>(), inter) << i << ", " << j;
       EXPECT_DOUBLE_EQ(jac[i][j].item<double>(), uni ? double(inter) / double(uni) : 0.0);
     }
   EXPECT_EQ(tracker.tokens(), token);
+}
+
+TEST(CoActivation, CountsAndJaccardEqualBruteForce) {
+  std::vector<at::Tensor> batches;
+  for (int b = 0; b < 4; ++b) batches.push_back(at::randn({2, 7, 40}));
+  expect_counts_equal_brute_force(batches, 40, 12, 0.25);  // top 25% of 40 channels = 10
+}
+
+TEST(CoActivation, CountsAreExactAcrossWordsWithTiesAndSixteenBitInputs) {
+  // 2 x 75 tokens a batch: bit vectors of 3 words, the last one partial; small integer values
+  // make ties at the threshold common (every tied channel fires).
+  std::vector<at::Tensor> batches;
+  for (int b = 0; b < 3; ++b) batches.push_back(at::randint(-3, 4, {2, 75, 50}).to(at::kFloat));
+  expect_counts_equal_brute_force(batches, 50, 20, 0.1);
+  batches.clear();
+  for (int b = 0; b < 2; ++b) batches.push_back(at::randn({1, 130, 33}).to(at::kBFloat16));
+  expect_counts_equal_brute_force(batches, 33, 33, 0.3);  // every channel a candidate
 }
 
 TEST(CoActivation, MemoryIsConstantInTheNumberOfTokens) {

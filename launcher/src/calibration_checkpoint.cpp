@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "csaq/packer/checkpoint.h"
+#include "csaq/shard/phases.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/files.h"
 #include "csaq/storage/h5.h"
@@ -25,7 +26,9 @@ namespace {
 volatile std::sig_atomic_t g_preempt = 0;
 extern "C" void on_preempt_signal(int) { g_preempt = 1; }
 
-constexpr std::int64_t kCalibrationFormat = 2;  // 2: input Hessians, gradient sums, output-gradient energies
+// 2: input Hessians, gradient sums, output-gradient energies; 3: backward passes in forward
+// order (any --in-flight), only the accumulators the cost model uses
+constexpr std::int64_t kCalibrationFormat = 3;
 
 // FNV-1a, 64-bit: a fingerprint, not a security measure.
 std::uint64_t fnv1a(const void* data, std::size_t size, std::uint64_t h = 1469598103934665603ULL) {
@@ -121,8 +124,8 @@ void remove_interrupted_writes(const std::string& dir) {
 }
 
 CalibrationCheckpointer::CalibrationCheckpointer(std::string dir, std::int64_t every, json fingerprint,
-                                                 Communicator& comm)
-    : dir_(std::move(dir)), every_(every), fingerprint_(std::move(fingerprint)), comm_(comm) {
+                                                 Communicator& comm, bool at_end)
+    : dir_(std::move(dir)), every_(every), at_end_(at_end), fingerprint_(std::move(fingerprint)), comm_(comm) {
   if (comm_.rank() == 0) {
     std::error_code ec;
     fs::create_directories(dir_, ec);
@@ -166,6 +169,7 @@ ResumePoint CalibrationCheckpointer::resume(const std::string& mode, Profiler& p
 }
 
 void CalibrationCheckpointer::save(std::int64_t micro_batches, const LossTotals& totals, const Profiler& profiler) {
+  ScopedPhase phase("checkpoint");
   // Totals live on the last rank.
   at::Tensor t = at::tensor({totals.nll_sum, double(totals.predicted_tokens), double(totals.sequences)}, at::kDouble);
   comm_.broadcast(t, comm_.size() - 1);
@@ -211,7 +215,7 @@ RoundCallback CalibrationCheckpointer::round_callback(Profiler& profiler) {
     totals_ = info.totals;
     // The end of calibration is checkpointed too, so that a run lost in the later stages
     // resumes with no calibration left to do.
-    if (every_ > 0 && (finished || done_ - last_saved_ >= every_)) save(done_, totals_, profiler);
+    if (every_ > 0 && ((finished && at_end_) || done_ - last_saved_ >= every_)) save(done_, totals_, profiler);
     if (!finished) stop_if_preempted(profiler);
     return finished;
   };
@@ -219,7 +223,10 @@ RoundCallback CalibrationCheckpointer::round_callback(Profiler& profiler) {
 
 void CalibrationCheckpointer::stop_if_preempted(const Profiler& profiler) {
   at::Tensor flag = at::tensor({static_cast<std::int64_t>(g_preempt)}, at::kLong);
-  comm_.all_reduce(flag, ReduceOp::kMax);
+  {
+    ScopedPhase phase("communication");
+    comm_.all_reduce(flag, ReduceOp::kMax);
+  }
   if (flag.item<std::int64_t>() == 0) return;
   if (done_ != last_saved_) save(done_, totals_, profiler);  // else the newest committed one is here
   throw Preempted{(fs::path(dir_) / checkpoint_name(done_)).string()};

@@ -36,15 +36,18 @@ nlohmann::json calibration_fingerprint(const std::string& model_dir, const Token
 class CalibrationCheckpointer {
  public:
   // Checkpoints go to `dir` (created on rank 0) every `every` micro-batches (0: only when
-  // preempted).
-  CalibrationCheckpointer(std::string dir, std::int64_t every, nlohmann::json fingerprint, Communicator& comm);
+  // preempted), and at the end of calibration when `at_end` (work follows that a lost run
+  // should not calibrate again for).
+  CalibrationCheckpointer(std::string dir, std::int64_t every, nlohmann::json fingerprint, Communicator& comm,
+                          bool at_end = true);
 
   // mode "never": start fresh; "auto": the newest committed checkpoint if there is one;
   // "must": that checkpoint or an error. Restores `profiler` and returns where to continue.
   // A fingerprint mismatch is an error listing every difference.
   ResumePoint resume(const std::string& mode, Profiler& profiler);
   // Chains the profiler's early stopping with periodic and preemption checkpoints; the round
-  // that ends calibration is checkpointed as well (unless checkpoints are only on signal).
+  // that ends calibration is checkpointed as well (unless checkpoints are only on signal or
+  // not at_end).
   RoundCallback round_callback(Profiler& profiler);
   // Collective, between stages: if a rank got SIGUSR1/SIGTERM, makes sure a checkpoint of
   // where calibration stands is committed and throws Preempted on every rank.
@@ -57,6 +60,7 @@ class CalibrationCheckpointer {
 
   std::string dir_;
   std::int64_t every_;
+  bool at_end_;
   nlohmann::json fingerprint_;
   Communicator& comm_;
   std::int64_t last_saved_ = 0;

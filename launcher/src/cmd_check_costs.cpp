@@ -6,6 +6,8 @@
 // reports the rank correlation between each cost model's prediction and the truth.
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include <cstdio>
 #include <map>
 #include <random>
@@ -84,6 +86,18 @@ int run_check_costs(const std::vector<std::string>& args, Communicator& comm) {
   if (saved.contains("pqi") && saved["pqi"]["bit_options"] == json(sopt.bit_options) &&
       saved["pqi"]["group_options"] == json(sopt.group_options))
     kinds.insert(kinds.begin() + 2, SalienceKind::kPqi);
+  // Statistics are kept for the cost model a file was profiled for (all of them with
+  // --keep-all-statistics); the others are left out, saying so.
+  std::vector<SalienceKind> missing;
+  for (SalienceKind k : kinds)
+    if (!profiler->has_statistics_for(k)) missing.push_back(k);
+  for (SalienceKind k : missing) {
+    kinds.erase(std::find(kinds.begin(), kinds.end(), k));
+    if (comm.rank() == 0)
+      std::fprintf(stderr, "csaq check-costs: '%s' holds no statistics for cost model %s (profile with "
+                   "--keep-all-statistics to compare every model); left out\n", profile_path.c_str(),
+                   salience_kind_name(k));
+  }
   TokenSequences data = load_sequences(data_path, tokenizer_in(tokenizer.empty() ? model_dir : tokenizer), seq_len,
                                        max_sequences, Sampling::kContiguous, 0);
   data.check_vocabulary(model.config().vocab_size);

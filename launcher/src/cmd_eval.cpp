@@ -6,7 +6,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "usage.h"
 #include "csaq/packer/checkpoint.h"
+#include "csaq/shard/phases.h"
 #include "csaq/shard/pipeline.h"
 #include "csaq/shard/progress.h"
 #include "csaq/storage/error.h"
@@ -59,9 +61,14 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{batch_size, 1});
   ProgressMeter progress("eval", "batches", pipeline.micro_batches(data), comm.rank() == 0);
+  reset_phases();
+  const auto t_pass = std::chrono::steady_clock::now();
   const LossTotals totals = pipeline.evaluate(data, {}, progress.callback());
-  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t_end = std::chrono::steady_clock::now();
+  const double elapsed = std::chrono::duration<double>(t_end - t0).count();
+  const double pass_s = std::chrono::duration<double>(t_end - t_pass).count();
   const double perplexity = std::exp(totals.mean_nll());
+  const nlohmann::json phases = phases_json(comm, pass_s), memory = memory_json(comm);
 
   if (comm.rank() == 0) {
     std::printf("perplexity: %.4f\n", perplexity);
@@ -87,6 +94,11 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
           {"dtype", c10::toString(type)},
           {"elapsed_s", elapsed},
           {"tokens_per_s", elapsed > 0 ? static_cast<double>(data.tokens()) / elapsed : 0.0},
+          {"pass_s", pass_s},
+          {"pass_tokens_per_s", pass_s > 0 ? static_cast<double>(data.tokens()) / pass_s : 0.0},
+          {"phases", phases},
+          {"memory", memory},
+          {"runtime", runtime_json()},
       };
       storage::write_file_atomic(report_path, report.dump(2) + "\n", overwrite);
     }

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "csaq/packer/checkpoint.h"
 #include "csaq/shard/model.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/files.h"
@@ -70,6 +71,7 @@ int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
   std::int64_t layers = 4, hidden = 256, intermediate = 768, heads = 8, kv_heads = 4, vocab = 512,
                tokens = 16384;
   std::uint64_t seed = 0;
+  std::string dtype = "float32";
   po::options_description options("csaq make-demo options");
   options.add_options()
       ("out", po::value(&out)->required(), "directory to create")
@@ -81,11 +83,15 @@ int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
       ("vocab", po::value(&vocab)->default_value(vocab), "vocabulary size")
       ("tokens", po::value(&tokens)->default_value(tokens), "characters of calib.txt and tokens in tokens.npy")
       ("seed", po::value(&seed)->default_value(seed), "random seed")
+      ("dtype", po::value(&dtype)->default_value(dtype), "dtype of the weights: float32 | bfloat16 | float16")
       ("overwrite", "replace files of an existing demo");
   po::variables_map vm;
   if (!parse_options("make-demo", options, args, vm, comm)) return 0;
   if (comm.rank() != 0) return 0;  // one writer; the files are the same for every rank
   const bool overwrite = vm.count("overwrite") > 0;
+  const at::ScalarType weight_type = dtype_from_name(dtype);
+  if (weight_type != at::kFloat && weight_type != at::kBFloat16 && weight_type != at::kHalf)
+    throw UsageError{"--dtype must be float32, bfloat16 or float16, not '" + dtype + "'"};
 
   nlohmann::json config = {
       {"architectures", {"LlamaForCausalLM"}},
@@ -106,7 +112,7 @@ int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
       {"mlp_bias", false},
       {"bos_token_id", 1},
       {"eos_token_id", 2},
-      {"torch_dtype", "float32"},
+      {"torch_dtype", dtype_name(weight_type)},
   };
   const std::string config_text = config.dump(2) + "\n";
   const ModelConfig parsed = ModelConfig::parse(config_text, "demo config");  // validates the sizes
@@ -122,7 +128,9 @@ int run_make_demo(const std::vector<std::string>& args, Communicator& comm) {
   fs::create_directories(dir, ec);
   CSAQ_CHECK(!ec, "cannot create directory '", out, "': ", ec.message());
 
-  storage::write_safetensors(files[1], random_model_weights(parsed, seed), {}, overwrite);
+  auto weights = random_model_weights(parsed, seed);
+  for (auto& [name, t] : weights) t = t.to(weight_type);
+  storage::write_safetensors(files[1], weights, {}, overwrite);
   storage::write_file_atomic(files[3], demo_tokenizer_json(), overwrite);
   storage::write_file_atomic(files[4], R"({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": true})" "\n",
                              overwrite);

@@ -11,9 +11,11 @@
 
 #include "calibration_checkpoint.h"
 #include "commands.h"
+#include "usage.h"
 #include "stages.h"
 #include "csaq/packer/checkpoint.h"
 #include "csaq/profiler/profiler.h"
+#include "csaq/shard/phases.h"
 #include "csaq/shard/pipeline.h"
 #include "csaq/shard/progress.h"
 #include "csaq/solver/solver.h"
@@ -115,6 +117,7 @@ std::unique_ptr<Profiler> load_profile(const std::string& path, const ModelShard
   popt.kind = kind;
   popt.candidates = saved.at("options").at("candidates");
   popt.fire_fraction = saved.at("options").at("fire_fraction");
+  popt.keep_grad_sum = popt.keep_causal = popt.keep_fisher = false;  // load() takes what the file holds
   auto profiler = std::make_unique<Profiler>(model, comm, popt);
   profiler->load(in);
   return profiler;
@@ -125,10 +128,11 @@ namespace {
 // Options of stage 1.
 struct ProfileArgs {
   std::string calib, tokenizer, sampling = "random", salience = "taylor", checkpoint_dir, resume = "auto", dtype = "auto";
-  std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 4, candidates = 512, checkpoint_every = 32;
+  std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 0, candidates = 512, checkpoint_every = 32;
   std::int64_t pqi_samples = 8, pqi_points = 2;
   std::uint64_t seed = 0;
   double rho = 0.98;
+  bool keep_all = false;  // every per-weight accumulator, whatever the cost model
 
   void add(po::options_description& o) {
     o.add_options()
@@ -144,7 +148,7 @@ struct ProfileArgs {
         ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
         ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once the tracked statistic's Spearman rho reaches this (> 1: never)")
         ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
-        ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline")
+        ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline (0: 1 on one rank, else 4); does not change the result")
         ("checkpoint-dir", po::value(&checkpoint_dir), "calibration checkpoints (default: <out>.calib)")
         ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "micro-batches between calibration checkpoints (0: only on SIGUSR1/SIGTERM)")
         ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must")
@@ -157,14 +161,23 @@ struct ProfileArgs {
             {"early_stop", p.early_stop}, {"rho", p.rho}, {"check_every", p.check_every},
             {"min_sequences", p.min_sequences}, {"sample_per_linear", p.sample_per_linear}, {"sample_seed", p.seed},
             {"samples", samples}, {"seq_len", seq_len}, {"sampling", sampling}, {"seed", seed},
-            {"batch_size", batch_size}, {"in_flight", in_flight}, {"dtype", dtype}, {"gradients", gradients}};
+            {"batch_size", batch_size}, {"dtype", dtype}, {"gradients", gradients},
+            {"keep_fisher", p.keep_fisher}, {"keep_grad_sum", p.keep_grad_sum}};
+  }
+  // One rank gains nothing from micro-batches in flight (they only let ranks overlap) and
+  // holds their activations: 1 there. Rounds end at every early-stopping check, so checks
+  // (and results) are the same for every in_flight and world size.
+  PipelineOptions pipeline_options(bool gradients, int world) const {
+    PipelineOptions p{batch_size, in_flight > 0 ? in_flight : (world == 1 ? 1 : 4), gradients};
+    p.align = (ProfilerOptions{}.check_every + batch_size - 1) / batch_size;
+    return p;
   }
   // `gradients` false: forward passes only (GPTQ needs only the input Hessians).
   ProfilerOptions options(bool gradients) const {
     if (samples < 1) throw UsageError{"--samples must be at least 1"};
     if (seq_len < 2) throw UsageError{"--seq-len must be at least 2 (a token and the next)"};
     if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
-    if (in_flight < 1) throw UsageError{"--in-flight must be at least 1"};
+    if (in_flight < 0) throw UsageError{"--in-flight must be 0 (automatic) or positive"};
     if (candidates < 1) throw UsageError{"--candidates must be at least 1"};
     if (checkpoint_every < 0) throw UsageError{"--checkpoint-every must be 0 (only on signals) or positive"};
     if (!(rho > -1.0)) throw UsageError{"--early-stop-rho must be above -1 (a rank correlation; > 1 never stops)"};
@@ -175,6 +188,8 @@ struct ProfileArgs {
     p.candidates = candidates;
     p.rho = rho;
     p.early_stop = gradients && rho <= 1.0;
+    p.keep_for(p.kind, gradients);
+    if (keep_all && gradients) p.keep_grad_sum = p.keep_causal = p.keep_fisher = true;
     return p;
   }
 };
@@ -228,7 +243,7 @@ void pqi_stage(ModelShard& model, Profiler& profiler, const TokenSequences& data
                     [&](std::size_t, const Quantized& q) { delta = q.values - w; }, cache);
     return delta;
   };
-  profiler.integrate_pqi(model, subset, PipelineOptions{a.batch_size, a.in_flight, true}, pairs.size(),
+  profiler.integrate_pqi(model, subset, a.pipeline_options(true, comm.size()), pairs.size(),
                          static_cast<int>(a.pqi_points), delta_of, progress.callback());
 }
 
@@ -241,8 +256,10 @@ void check_target(const ModelConfig& config, const SolverOptions& sopt) {
 }
 
 // Stage 1 on every rank, resuming from `checkpoints`' newest checkpoint as --resume says;
-// `gradients` false runs forward passes only. Returns the report fragment.
-json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, bool gradients,
+// `gradients` false runs forward passes only. The end of calibration is checkpointed when
+// long work follows (quantize's solve and pack, the pqi passes), not when only writing the
+// salience file does. Returns the report fragment.
+json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, bool gradients, bool stages_follow,
                    const SolverOptions& sopt, const std::string& model_dir, const std::string& out, Communicator& comm,
                    std::unique_ptr<CalibrationCheckpointer>& checkpoints) {
   const auto t = Clock::now();
@@ -251,17 +268,23 @@ json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, 
   data.check_vocabulary(model.config().vocab_size);
   checkpoints = std::make_unique<CalibrationCheckpointer>(
       a.checkpoint_dir.empty() ? out + ".calib" : a.checkpoint_dir, a.checkpoint_every,
-      calibration_fingerprint(model_dir, data, a.fingerprint_options(gradients), comm), comm);
+      calibration_fingerprint(model_dir, data, a.fingerprint_options(gradients), comm), comm,
+      stages_follow || profiler.options().kind == SalienceKind::kPqi);
   const ResumePoint start = checkpoints->resume(a.resume, profiler);
-  Pipeline pipeline(model, comm, PipelineOptions{a.batch_size, a.in_flight, gradients});
+  Pipeline pipeline(model, comm, a.pipeline_options(gradients, comm.size()));
   ProgressMeter progress("profile", "batches", pipeline.micro_batches(data), comm.rank() == 0, 1.0,
                          start.micro_batch);
+  reset_phases();
+  const auto t_pass = Clock::now();
   const LossTotals totals =
       profiler.stopped_early()
           ? start.totals
           : pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
                                progress.callback(),
                                checkpoints->round_callback(profiler), start);
+  const double pass_s = seconds_since(t_pass);
+  const json phases = phases_json(comm, pass_s);
+  const std::int64_t pass_tokens = (totals.sequences - start.totals.sequences) * a.seq_len;
   json checks = json::array();
   for (const auto& c : profiler.early_stop_checks()) checks.push_back({{"sequences", c.sequences}, {"rho", c.rho}});
   if (comm.rank() == 0) {
@@ -281,7 +304,11 @@ json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, 
                                {"checks", checks}}},
                {"calibration", {{"data", a.calib}, {"seq_len", a.seq_len}, {"sampling", a.sampling}, {"seed", a.seed},
                                 {"mean_nll", totals.mean_nll()},
-                                {"tokens", totals.sequences * a.seq_len}}}};
+                                {"tokens", totals.sequences * a.seq_len}}},
+               // Measured, not computed: under time_s in the report.
+               {"calibration_pass", {{"tokens", pass_tokens}, {"seconds", pass_s},
+                                     {"tokens_per_s", pass_s > 0 ? static_cast<double>(pass_tokens) / pass_s : 0.0},
+                                     {"phases", phases}}}};
   if (gradients)
     part["agreement_top5"] = top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm);
   if (profiler.options().kind == SalienceKind::kPqi) {
@@ -368,6 +395,8 @@ void pack_stage(const std::string& out, const std::string& model_dir, const Mode
                    read_model_files(model_dir, comm), comm, overwrite, progress.callback());
   report["time_s"]["pack"] = seconds_since(t);
   report["time_s"]["total"] = seconds_since(start);
+  report["memory"] = memory_json(comm);
+  report["runtime"] = runtime_json();
   if (comm.rank() == 0) {
     std::printf("wrote %s\n", out.c_str());
     if (!report_path.empty()) storage::write_file_atomic(report_path, report.dump(2) + "\n", overwrite);
@@ -422,9 +451,11 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   Profiler profiler(model, comm, popt);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
   if (!rtn) {
-    json part = profile_stage(model, profiler, pa, gradients, sopt, model_dir, out, comm, checkpoints);
+    json part = profile_stage(model, profiler, pa, gradients, true, sopt, model_dir, out, comm, checkpoints);
     report["time_s"]["profile"] = part["profile_s"];
+    report["time_s"]["calibration_pass"] = part["calibration_pass"];
     part.erase("profile_s");
+    part.erase("calibration_pass");
     report.update(part);
     checkpoints->stop_if_preempted(profiler);
   }
@@ -437,7 +468,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
 }
 
 int run_profile(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_dir, out;
+  std::string model_dir, out, report_path;
   int threads = 0;
   ProfileArgs pa;
   FormatArgs fa;
@@ -446,14 +477,16 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   pa.add(options);
   fa.add(options);  // the formats the post-quantization integral (--salience pqi) is computed for
   options.add_options()
+      ("keep-all-statistics", po::bool_switch(&pa.keep_all), "keep every per-weight statistic (4 bytes per weight each), not only those of --salience, so that solve and check-costs can use any cost model")
       ("out", po::value(&out)->required(), "salience file to write (HDF5)")
-      ("overwrite", "replace an existing --out")
+      ("report", po::value(&report_path), "also write the JSON report here")
+      ("overwrite", "replace existing --out / --report")
       ("threads", po::value(&threads)->default_value(threads), "intra-op threads per rank (0: cores / ranks on the node)");
   po::variables_map vm;
   if (!parse_options("profile", options, args, vm, comm)) return 0;
   if (pa.calib.empty()) throw UsageError{"--calib is required"};
   const bool overwrite = vm.count("overwrite") > 0;
-  check_outputs(comm, {{"--out", out}}, {{"--model", model_dir}, {"--calib", pa.calib}, {"--tokenizer", pa.tokenizer}},
+  check_outputs(comm, {{"--out", out}, {"--report", report_path}}, {{"--model", model_dir}, {"--calib", pa.calib}, {"--tokenizer", pa.tokenizer}},
                 overwrite);
   set_threads(threads, comm);
   SolverOptions sopt;
@@ -466,10 +499,18 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   Profiler profiler(model, comm, popt);
   json report = base_report("profile", model_dir, comm);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
-  report.update(profile_stage(model, profiler, pa, true, sopt, model_dir, out, comm, checkpoints));
+  json part = profile_stage(model, profiler, pa, true, false, sopt, model_dir, out, comm, checkpoints);
+  report["time_s"]["calibration_pass"] = part["calibration_pass"];
+  part.erase("calibration_pass");
+  report.update(part);
   write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { profiler.save(f, comm, report.dump()); });
   checkpoints->remove_all();
-  if (comm.rank() == 0) std::printf("wrote %s\n", out.c_str());
+  report["memory"] = memory_json(comm);
+  report["runtime"] = runtime_json();
+  if (comm.rank() == 0) {
+    std::printf("wrote %s\n", out.c_str());
+    if (!report_path.empty()) storage::write_file_atomic(report_path, report.dump(2) + "\n", overwrite);
+  }
   return 0;
 }
 

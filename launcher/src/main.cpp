@@ -1,5 +1,7 @@
 // csaq: causal-salience-aware post-training quantization of LLMs across MPI ranks.
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
+#include <torch/version.h>
 
 #include <boost/program_options/errors.hpp>
 #include <nlohmann/json.hpp>
@@ -19,6 +21,7 @@
 
 #include "calibration_checkpoint.h"
 #include "commands.h"
+#include "usage.h"
 #include "csaq/packer/checkpoint.h"
 #include "csaq/shard/model.h"
 #include "csaq/storage/error.h"
@@ -97,8 +100,13 @@ at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config)
   constexpr bool kHalfKernels = false;
 #endif
   if (name == "auto") {
+    // The model's layers compute on the CPU in every build so far: float32 there, the exact
+    // choice and never a slow one (how fast CPU bfloat16 products are depends on the CPU's
+    // native support; float16 has none; docs/performance.md). On a GPU the checkpoint's own
+    // dtype is the fast one.
+    constexpr bool kComputeOnGpu = false;
     const at::ScalarType t = checkpoint_dtype(config);
-    return t == at::kHalf && !kHalfKernels ? at::kFloat : t;
+    return kComputeOnGpu ? t : at::kFloat;
   }
   const at::ScalarType t = dtype_from_name(name);
   if (t == at::ScalarType::Undefined)
@@ -115,6 +123,19 @@ void set_threads(int requested, const Communicator& comm) {
     n = std::max(1, cores / std::max(1, comm.local_size()));
   }
   at::set_num_threads(n);
+  // OpenBLAS keeps its own thread pool (the pthread build ignores OpenMP's setting): the
+  // same count, so that ranks sharing a node do not oversubscribe its cores.
+  using SetThreads = void (*)(int);
+  if (auto set_blas = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set_blas(n);
+  // OpenBLAS's pthread build spins its own threads next to LibTorch's OpenMP ones: 3x slower
+  // with 2 threads on 2 cores (docs/performance.md). Its OpenMP build shares one pool.
+  using GetParallel = int (*)();
+  auto parallel = reinterpret_cast<GetParallel>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
+  if (n > 1 && parallel != nullptr && parallel() == 1 && comm.rank() == 0)
+    std::fprintf(stderr, "csaq: warning: the BLAS in use is OpenBLAS's pthread build, whose threads compete with "
+                 "LibTorch's OpenMP threads (about 3x slower with %d threads); use its OpenMP build: apt-get install "
+                 "libopenblas0-openmp and update-alternatives --set libblas.so.3-x86_64-linux-gnu "
+                 "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3 (scripts/install-deps.sh does both)\n", n);
 }
 }  // namespace csaq::cli
 
@@ -157,10 +178,16 @@ int main(int argc, char** argv) {
   }
   const std::string command = argv[1];
   if (command == "--version") {
-    if (rank == 0) std::printf("csaq %s\n", CSAQ_VERSION);
+    if (rank == 0) {
+      csaq::cli::set_threads(0, *comm);
+      std::printf("csaq %s\nLibTorch %s, BLAS: %s\nthreads per rank: %d (cores %u, ranks on this node %d)\n",
+                  CSAQ_VERSION, TORCH_VERSION, csaq::cli::blas_description().c_str(), at::get_num_threads(),
+                  std::thread::hardware_concurrency(), comm->local_size());
+    }
     return 0;
   }
   const std::vector<std::string> args(argv + 2, argv + argc);
+  csaq::cli::record_start_of_run();
   try {
     if (command == "eval") return csaq::cli::run_eval(args, *comm);
     if (command == "make-demo") return csaq::cli::run_make_demo(args, *comm);

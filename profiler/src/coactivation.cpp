@@ -1,8 +1,14 @@
 #include "csaq/profiler/coactivation.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <array>
+#include <cstring>
 #include <cmath>
+#include <functional>
+#include <vector>
 
 #include "csaq/storage/error.h"
 
@@ -14,9 +20,59 @@ CoActivation::CoActivation(std::int64_t channels, std::int64_t max_candidates, d
   CSAQ_CHECK(fire_fraction > 0 && fire_fraction <= 1, "fire fraction must be in (0, 1], got ", fire_fraction);
 }
 
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CSAQ_POPCOUNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#else
+#define CSAQ_POPCOUNT_CLONES
+#endif
+
+// counts[i][j] += |bits_i AND bits_j| for the upper triangle j >= i (bits: [K, words]); the
+// lower triangle is mirrored by the caller. Rows are independent, so threads split them.
+CSAQ_POPCOUNT_CLONES
+void add_intersections(const std::uint64_t* bits, std::int64_t k, std::int64_t words, std::int64_t* counts,
+                       std::int64_t begin, std::int64_t end) {
+  for (std::int64_t i = begin; i < end; ++i) {
+    const std::uint64_t* bi = bits + i * words;
+    for (std::int64_t j = i; j < k; ++j) {
+      const std::uint64_t* bj = bits + j * words;
+      std::int64_t n = 0;
+      for (std::int64_t w = 0; w < words; ++w) n += __builtin_popcountll(bi[w] & bj[w]);
+      counts[i * k + j] += n;
+    }
+  }
+}
+
+// The k-th largest of `n` non-negative floats (k >= 1), exactly: their bit patterns order like
+// the values, so a histogram of the top 9 bits (sign and exponent) finds the bin holding it,
+// and a selection among that bin's values (usually a small share) finishes.
+float kth_largest(const float* v, std::int64_t n, std::int64_t k, std::vector<float>& scratch) {
+  std::array<std::int32_t, 512> bins{};
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, v + i, sizeof(u));
+    ++bins[u >> 23];
+  }
+  std::int64_t above = 0;
+  std::uint32_t bin = 511;
+  while (above + bins[bin] < k) above += bins[bin--];
+  scratch.clear();
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, v + i, sizeof(u));
+    if ((u >> 23) == bin) scratch.push_back(v[i]);
+  }
+  const auto nth = scratch.begin() + (k - above - 1);
+  std::nth_element(scratch.begin(), nth, scratch.end(), std::greater<float>());
+  return *nth;
+}
+
+}  // namespace
+
 void CoActivation::observe(const at::Tensor& y) {
   CSAQ_ASSERT(y.size(-1) == channels_);
-  const at::Tensor a = y.detach().reshape({-1, channels_}).abs().to(at::kFloat);
+  const at::Tensor a = y.detach().reshape({-1, channels_}).abs().to(at::kFloat).contiguous();
   if (!candidates_.defined()) {
     // The K channels with the largest mean |y| on this first micro-batch; stable order.
     const at::Tensor mean = a.mean(0).neg();
@@ -26,11 +82,40 @@ void CoActivation::observe(const at::Tensor& y) {
   }
   // Per token: the k-th largest |y| is the firing threshold.
   const std::int64_t k = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(fire_fraction_ * channels_)));
-  const at::Tensor threshold = std::get<0>(at::topk(a, k, -1)).select(-1, k - 1).unsqueeze(-1);
-  const at::Tensor fires = (a.index_select(1, candidates_) >= threshold).to(at::kFloat);  // [T, K]
-  // Exact: per micro-batch counts stay far below 2^24.
-  counts_ += at::matmul(fires.t(), fires).round().to(at::kLong);
-  tokens_ += a.size(0);
+  const std::int64_t tokens = a.size(0);
+  tokens_ += tokens;
+  if (!a.device().is_cpu()) {
+    // On an accelerator: the 0/1 firing matrix times itself (exact: per micro-batch counts
+    // stay far below 2^24).
+    const at::Tensor threshold = std::get<0>(at::topk(a, k, -1)).select(-1, k - 1).unsqueeze(-1);
+    const at::Tensor fires = (a.index_select(1, candidates_.to(a.device())) >= threshold).to(at::kFloat);
+    counts_ += at::matmul(fires.t(), fires).round().to(at::kLong).cpu();
+    return;
+  }
+  // On the CPU: each candidate's firing tokens as a bit vector (64 tokens a word), the
+  // threshold by selection (not sorting) per token, and intersections by AND + popcount.
+  const std::int64_t kc = max_candidates_, words = (tokens + 63) / 64;
+  std::vector<std::uint64_t> bits(static_cast<std::size_t>(kc * words), 0);
+  const float* values = a.data_ptr<float>();
+  const std::int64_t* cand = candidates_.data_ptr<std::int64_t>();
+  at::parallel_for(0, words, 1, [&](std::int64_t w0, std::int64_t w1) {
+    std::vector<float> scratch;
+    scratch.reserve(static_cast<std::size_t>(channels_));
+    for (std::int64_t w = w0; w < w1; ++w)
+      for (std::int64_t t = w * 64; t < std::min(tokens, (w + 1) * 64); ++t) {
+        const float* v = values + t * channels_;
+        const float threshold = kth_largest(v, channels_, k, scratch);
+        const std::uint64_t bit = std::uint64_t{1} << (t - w * 64);
+        for (std::int64_t j = 0; j < kc; ++j)
+          if (v[cand[j]] >= threshold) bits[static_cast<std::size_t>(j * words + w)] |= bit;
+      }
+  });
+  std::int64_t* counts = counts_.data_ptr<std::int64_t>();
+  at::parallel_for(0, kc, 8, [&](std::int64_t i0, std::int64_t i1) {
+    add_intersections(bits.data(), kc, words, counts, i0, i1);
+  });
+  for (std::int64_t i = 0; i < kc; ++i)
+    for (std::int64_t j = 0; j < i; ++j) counts[i * kc + j] = counts[j * kc + i];
 }
 
 at::Tensor CoActivation::jaccard() const {

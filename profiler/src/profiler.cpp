@@ -2,12 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <dlfcn.h>
 
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
 
+#include "csaq/shard/phases.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/h5.h"
 
@@ -43,6 +46,51 @@ bool is_per_weight(SalienceKind kind) {
          kind == SalienceKind::kMagnitude;
 }
 
+void ProfilerOptions::keep_for(SalienceKind cost, bool gradients) {
+  keep_grad_sum = gradients && (cost == SalienceKind::kTaylor || cost == SalienceKind::kPqi);
+  keep_causal = gradients;
+  keep_fisher = gradients && cost == SalienceKind::kFisher;
+}
+
+namespace {
+// A per-weight accumulator this profiler keeps, or an error naming the cost model to
+// profile with.
+const at::Tensor& kept(const at::Tensor& t, const char* name, const char* profile_with) {
+  CSAQ_CHECK(t.defined(), "no '", name, "' statistics were accumulated (they are kept only for the cost models that "
+             "use them); profile with --salience ", profile_with);
+  return t;
+}
+at::Tensor zeros_if(bool keep, std::int64_t out, std::int64_t in) {
+  return keep ? at::zeros({out, in}, at::kFloat) : at::Tensor();
+}
+}  // namespace
+
+namespace {
+// cblas_ssyrk of the BLAS LibTorch uses, if it exports one (OpenBLAS and Debian's reference
+// BLAS do): H += XᵀX on one triangle, half the work of a full matrix product.
+using Ssyrk = void (*)(int order, int uplo, int trans, int n, int k, float alpha, const float* a, int lda, float beta,
+                       float* c, int ldc);
+Ssyrk find_ssyrk() {
+  static const Ssyrk f = reinterpret_cast<Ssyrk>(dlsym(RTLD_DEFAULT, "cblas_ssyrk"));
+  return f;
+}
+constexpr int kRowMajor = 101, kUpper = 121, kTrans = 112;
+
+// h += xᵀx, x [T, in] float32. Returns true when only the upper triangle was updated.
+bool add_gram(at::Tensor& h, const at::Tensor& x) {
+  const Ssyrk ssyrk = find_ssyrk();
+  if (ssyrk == nullptr || !h.device().is_cpu() || !x.device().is_cpu() || h.scalar_type() != at::kFloat ||
+      !h.is_contiguous() || x.size(0) > std::numeric_limits<int>::max() || x.size(1) > std::numeric_limits<int>::max()) {
+    h.addmm_(x.t(), x);
+    return false;
+  }
+  const at::Tensor xc = x.contiguous();
+  const int n = static_cast<int>(xc.size(1)), k = static_cast<int>(xc.size(0));
+  ssyrk(kRowMajor, kUpper, kTrans, n, k, 1.0f, xc.data_ptr<float>(), n, 1.0f, h.data_ptr<float>(), n);
+  return true;
+}
+}  // namespace
+
 int input_of(int linear) {
   static constexpr std::array<int, kNumLinears> kInput{0, 0, 0, 1, 2, 2, 3};
   return kInput.at(static_cast<std::size_t>(linear));
@@ -54,8 +102,9 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
     for (int i = 0; i < kNumLinears; ++i) {
       const at::Tensor& w = layer.linears[i].weight;
       const std::int64_t out = w.size(0), in = w.size(1);
-      stats_.push_back(LinearStats{layer.index, i, at::zeros({out, in}, at::kFloat), at::zeros({out, in}, at::kFloat),
-                                   at::zeros({out, in}, at::kFloat), at::zeros({out}, at::kDouble),
+      stats_.push_back(LinearStats{layer.index, i, zeros_if(options_.keep_grad_sum, out, in),
+                                   zeros_if(options_.keep_causal, out, in), zeros_if(options_.keep_fisher, out, in),
+                                   at::zeros({out}, at::kDouble),
                                    at::zeros({in}, at::kDouble), at::Tensor(), 0, 0,
                                    CoActivation(out, options_.candidates, options_.fire_fraction)});
       // The same weights are sampled for a Linear whatever rank holds it.
@@ -67,25 +116,34 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       const std::int64_t in = layer.linears[kFirstReader[k]].weight.size(1);
       hessian_.push_back(at::zeros({in, in}, at::kFloat));
       hessian_tokens_.push_back(0);
+      hessian_upper_only_.push_back(0);
     }
   }
   observer_ = [this](std::int64_t layer, int linear, const at::Tensor& input, const at::Tensor& output) {
     LinearStats& s = stats_[index(layer, linear)];
     const at::Tensor x = input.detach().reshape({-1, input.size(-1)});
-    s.input_abs_sum += x.abs().sum(0, /*keepdim=*/false, at::kDouble);
-    s.tokens += x.size(0);
-    s.coact.observe(output);
+    {
+      ScopedPhase phase("input_statistics");
+      s.input_abs_sum += x.abs().sum(0, /*keepdim=*/false, at::kDouble);
+      s.tokens += x.size(0);
+    }
+    {
+      ScopedPhase phase("coactivation");
+      s.coact.observe(output);
+    }
     const int k = input_of(linear);
     if (kFirstReader[k] == linear) {
+      ScopedPhase phase("hessian");
       const std::size_t h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + k);
       const at::Tensor xf = x.to(at::kFloat);
-      hessian_[h].addmm_(xf.t(), xf);
+      if (add_gram(hessian_[h], xf)) hessian_upper_only_[h] = 1;
       hessian_tokens_[h] += x.size(0);
     }
     // The output gradient of this micro-batch's loss, when the backward pass reaches it.
     if (output.requires_grad()) {
       at::Tensor* energy = &s.out_grad_sq;
       output.register_hook([energy](const at::Tensor& g) {
+        ScopedPhase phase("output_gradient_energy");
         energy->add_(g.detach().reshape({-1, g.size(-1)}).to(at::kDouble).square().sum(0));
       });
     }
@@ -105,7 +163,15 @@ const Linear& Profiler::weights(std::int64_t layer, int linear) const {
 
 const at::Tensor& Profiler::hessian(std::int64_t layer, int input) const {
   CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs);
-  return hessian_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input)];
+  const auto h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input);
+  if (hessian_upper_only_[h]) {  // the lower triangle takes the accumulated upper one, in place
+    float* m = hessian_[h].data_ptr<float>();
+    const std::int64_t n = hessian_[h].size(0);
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t j = i + 1; j < n; ++j) m[j * n + i] = m[i * n + j];
+    hessian_upper_only_[h] = 0;
+  }
+  return hessian_[h];
 }
 
 std::int64_t Profiler::hessian_tokens(std::int64_t layer, int input) const {
@@ -115,13 +181,14 @@ std::int64_t Profiler::hessian_tokens(std::int64_t layer, int input) const {
 
 GradientCallback Profiler::gradient_callback() {
   return [this](const LayerGradients& g) {
+    ScopedPhase phase("salience_fold");
     for (int i = 0; i < kNumLinears; ++i) {
       LinearStats& s = stats_[index(g.layer->index, i)];
       const at::Tensor grad = g.weight_grads[i].to(at::kFloat);
       const at::Tensor w = g.layer->linears[i].weight.detach().to(at::kFloat);
-      s.grad_sum.add_(grad);
-      s.causal.add_((grad * w).abs_());
-      s.fisher.addcmul_(grad, grad);
+      if (s.grad_sum.defined()) s.grad_sum.add_(grad);
+      if (s.causal.defined()) s.causal.add_((grad * w).abs_());
+      if (s.fisher.defined()) s.fisher.addcmul_(grad, grad);
       ++s.micro_batches;
     }
   };
@@ -164,6 +231,18 @@ void Profiler::integrate_pqi(ModelShard& model, const TokenSequences& data, cons
   }
 }
 
+bool Profiler::has_statistics_for(SalienceKind kind) const {
+  if (stats_.empty()) return true;
+  const LinearStats& s = stats_.front();
+  switch (kind) {
+    case SalienceKind::kTaylor: return s.grad_sum.defined();
+    case SalienceKind::kPqi: return s.pqi.defined();
+    case SalienceKind::kCausal: return s.causal.defined();
+    case SalienceKind::kFisher: return s.fisher.defined();
+    default: return true;
+  }
+}
+
 at::Tensor Profiler::salience(std::int64_t layer, int linear, SalienceKind kind) const {
   return salience_rows(layer, linear, kind, 0, weights(layer, linear).weight.size(0));
 }
@@ -180,8 +259,8 @@ at::Tensor Profiler::salience_rows(std::int64_t layer, int linear, SalienceKind 
   const LinearStats& s = stats(layer, linear);
   auto w = [&] { return weights(layer, linear).weight.detach().slice(0, begin, end).to(at::kFloat); };
   switch (kind) {
-    case SalienceKind::kCausal: return s.causal.slice(0, begin, end);
-    case SalienceKind::kFisher: return s.fisher.slice(0, begin, end);
+    case SalienceKind::kCausal: return kept(s.causal, "causal", "causal").slice(0, begin, end);
+    case SalienceKind::kFisher: return kept(s.fisher, "fisher", "fisher").slice(0, begin, end);
     case SalienceKind::kActivation: return w().abs() * mean_abs_input(s).unsqueeze(0);
     case SalienceKind::kMagnitude: return w().abs();
     default: CSAQ_ASSERT(false, "salience ", salience_kind_name(kind), " has no value per weight");
@@ -193,8 +272,8 @@ at::Tensor Profiler::salience_at(std::int64_t layer, int linear, SalienceKind ki
   const LinearStats& s = stats(layer, linear);
   auto w = [&] { return weights(layer, linear).weight.detach().reshape({-1}).index_select(0, flat).to(at::kFloat); };
   switch (kind) {
-    case SalienceKind::kCausal: return s.causal.reshape({-1}).index_select(0, flat);
-    case SalienceKind::kFisher: return s.fisher.reshape({-1}).index_select(0, flat);
+    case SalienceKind::kCausal: return kept(s.causal, "causal", "causal").reshape({-1}).index_select(0, flat);
+    case SalienceKind::kFisher: return kept(s.fisher, "fisher", "fisher").reshape({-1}).index_select(0, flat);
     case SalienceKind::kActivation: {
       const std::int64_t in = s.input_abs_sum.size(0);
       return w().abs() * mean_abs_input(s).index_select(0, flat.remainder(in));
@@ -222,15 +301,17 @@ at::Tensor Profiler::row_cost(std::int64_t layer, int linear, SalienceKind kind,
   };
   const at::Tensor w = weights(layer, linear).weight.detach().to(at::kFloat);
   switch (kind) {
-    case SalienceKind::kTaylor: return (s.grad_sum * d).sum(1, false, at::kDouble) / m + second_order();
+    case SalienceKind::kTaylor:
+      return (kept(s.grad_sum, "grad_sum", "taylor") * d).sum(1, false, at::kDouble) / m + second_order();
     case SalienceKind::kHessian: return second_order();
     case SalienceKind::kPqi: break;  // above
     case SalienceKind::kCausal: {
       // s_w / |w| = Σ|g|, 0 where w is 0 (there the salience is 0 as well).
-      const at::Tensor per = at::where(w.abs() > 0, s.causal / w.abs().clamp_min(1e-30), at::zeros_like(w));
+      const at::Tensor per =
+          at::where(w.abs() > 0, kept(s.causal, "causal", "causal") / w.abs().clamp_min(1e-30), at::zeros_like(w));
       return (per * d.abs()).sum(1, false, at::kDouble);
     }
-    case SalienceKind::kFisher: return (s.fisher * d.square()).sum(1, false, at::kDouble) * 0.5;
+    case SalienceKind::kFisher: return (kept(s.fisher, "fisher", "fisher") * d.square()).sum(1, false, at::kDouble) * 0.5;
     case SalienceKind::kActivation: return (mean_abs_input(s).unsqueeze(0) * d.abs()).sum(1, false, at::kDouble);
     case SalienceKind::kMagnitude: return d.abs().sum(1, false, at::kDouble);
   }
@@ -252,7 +333,7 @@ at::Tensor Profiler::global_sample() const {
     // The statistic the cost depends on most: the mean gradient for taylor and pqi, the
     // causal salience for hessian (its curvature settles sooner).
     const at::Tensor v = kind == SalienceKind::kTaylor || kind == SalienceKind::kPqi
-                             ? s.grad_sum.reshape({-1}).index_select(0, sample_index_[k])
+                             ? kept(s.grad_sum, "grad_sum", "taylor").reshape({-1}).index_select(0, sample_index_[k])
                              : salience_at(s.layer, s.linear, is_per_weight(kind) ? kind : SalienceKind::kCausal,
                                            sample_index_[k]);
     all.slice(0, slot * m, (slot + 1) * m).copy_(v);
@@ -268,6 +349,7 @@ RoundCallback Profiler::round_callback() {
   return [this](const RoundInfo& info) {
     const std::int64_t sequences = info.sequences_done;
     if (!options_.early_stop || sequences - last_check_ < options_.check_every) return false;
+    ScopedPhase phase("early_stop");
     last_check_ = sequences;
     at::Tensor sample = global_sample();
     std::swap(sample, previous_sample_);
@@ -319,7 +401,9 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
       const auto [out, in] = shapes[i];
       const std::int64_t k = std::min(out, options_.candidates);
       const std::string g = stats_group(l, i);
-      for (const char* name : {"grad_sum", "causal", "fisher"}) f.create_dataset(g + name, at::kFloat, {out, in});
+      for (const auto& [name, keep] : {std::pair{"grad_sum", options_.keep_grad_sum}, {"causal", options_.keep_causal},
+                                       {"fisher", options_.keep_fisher}})
+        if (keep) f.create_dataset(g + name, at::kFloat, {out, in});
       f.create_dataset(g + "out_grad_sq", at::kDouble, {out});
       f.create_dataset(g + "input_abs_sum", at::kDouble, {in});
       f.create_dataset(g + "counters", at::kLong, {4});  // tokens, micro_batches, coact tokens, coact started
@@ -336,9 +420,9 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
   if (rank0 && previous_sample_.defined()) f.write("early_stop_previous", previous_sample_);
   for (const auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
-    f.write(g + "grad_sum", st.grad_sum);
-    f.write(g + "causal", st.causal);
-    f.write(g + "fisher", st.fisher);
+    if (st.grad_sum.defined()) f.write(g + "grad_sum", st.grad_sum);
+    if (st.causal.defined()) f.write(g + "causal", st.causal);
+    if (st.fisher.defined()) f.write(g + "fisher", st.fisher);
     f.write(g + "out_grad_sq", st.out_grad_sq);
     f.write(g + "input_abs_sum", st.input_abs_sum);
     f.write(g + "counters", at::tensor({st.tokens, st.micro_batches, st.coact.tokens(),
@@ -369,9 +453,10 @@ void Profiler::load(const storage::H5File& f) {
                ", not ", mine[key].dump());
   for (auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
-    st.grad_sum = f.read(g + "grad_sum");
-    st.causal = f.read(g + "causal");
-    st.fisher = f.read(g + "fisher");
+    // Each accumulator the file holds (it keeps those of the cost model it was profiled for).
+    st.grad_sum = f.exists(g + "grad_sum") ? f.read(g + "grad_sum") : at::Tensor();
+    st.causal = f.exists(g + "causal") ? f.read(g + "causal") : at::Tensor();
+    st.fisher = f.exists(g + "fisher") ? f.read(g + "fisher") : at::Tensor();
     st.out_grad_sq = f.read(g + "out_grad_sq");
     st.input_abs_sum = f.read(g + "input_abs_sum");
     const at::Tensor counters = f.read(g + "counters");
@@ -386,6 +471,7 @@ void Profiler::load(const storage::H5File& f) {
     for (int k = 0; k < kNumInputs; ++k) {
       const std::size_t h = static_cast<std::size_t>((layer.index - model_.layers().begin) * kNumInputs + k);
       hessian_[h] = f.read(hessian_name(layer.index, k));
+      hessian_upper_only_[h] = 0;
       hessian_tokens_[h] = f.read(hessian_name(layer.index, k) + "_tokens")[0].item<std::int64_t>();
     }
   checks_.clear();

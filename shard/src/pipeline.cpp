@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "csaq/shard/phases.h"
 #include "csaq/storage/error.h"
 
 namespace csaq {
@@ -54,11 +55,13 @@ std::int64_t Pipeline::micro_batches(const TokenSequences& data) const {
 
 at::Tensor Pipeline::receive_hidden(std::int64_t batch, std::int64_t seq_len, std::int64_t micro_batch) {
   at::Tensor x = at::empty({batch, seq_len, model_.config().hidden_size}, at::TensorOptions().dtype(model_.dtype()));
+  ScopedPhase phase("communication");
   comm_.recv(x, model_.rank() - 1, tag(micro_batch, kForward));
   return x;
 }
 
 void Pipeline::share_totals(LossTotals& totals) {
+  ScopedPhase phase("communication");
   at::Tensor t = at::tensor({totals.nll_sum, static_cast<double>(totals.predicted_tokens),
                              static_cast<double>(totals.sequences)},
                             at::kDouble);
@@ -78,6 +81,7 @@ LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& 
     const std::int64_t first = m * options_.micro_batch_size;
     const std::int64_t count = std::min(options_.micro_batch_size, data.size() - first);
     const at::Tensor ids = data.batch(first, count);
+    ScopedPhase phase("forward");
     at::Tensor x = model_.is_first() ? model_.embed(ids) : receive_hidden(count, len, m);
     for (std::size_t i = 0; i < model_.decoder().size(); ++i) x = model_.layer_forward(i, x, pos);
     if (model_.is_last()) {
@@ -89,7 +93,9 @@ LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& 
       totals.sequences += count;
       if (on_logits) on_logits(m, ids, logits);
     } else {
-      comm_.send(x.contiguous(), model_.rank() + 1, tag(m, kForward));
+      const at::Tensor out = x.contiguous();
+      ScopedPhase send("communication");
+      comm_.send(out, model_.rank() + 1, tag(m, kForward));
     }
     if (on_progress) on_progress(m + 1, total);
   }
@@ -106,13 +112,14 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
   const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
   const std::size_t layers = model_.decoder().size();
   const std::int64_t first_micro_batch = resume.micro_batch;
-  CSAQ_CHECK(first_micro_batch >= 0 && first_micro_batch % options_.in_flight == 0, "resume point ",
-             first_micro_batch, " is not a round boundary of ", options_.in_flight, " micro-batches");
+  CSAQ_CHECK(first_micro_batch >= 0, "resume point ", first_micro_batch, " is negative");
   LossTotals totals = model_.is_last() ? resume.totals : LossTotals{};
   std::int64_t done = first_micro_batch;
 
-  for (std::int64_t round = first_micro_batch; round < total; round += options_.in_flight) {
-    const std::int64_t round_end = std::min(total, round + options_.in_flight);
+  for (std::int64_t round = first_micro_batch, round_end = 0; round < total; round = round_end) {
+    // Up to in_flight micro-batches, never past a multiple of `align`.
+    round_end = std::min(total, round + options_.in_flight);
+    if (options_.align > 0) round_end = std::min(round_end, (round / options_.align + 1) * options_.align);
     std::vector<InFlight> flight(static_cast<std::size_t>(round_end - round));
 
     // Forward every micro-batch of the round, keeping each layer's graph separately.
@@ -121,6 +128,7 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       const std::int64_t first = m * options_.micro_batch_size;
       const std::int64_t count = std::min(options_.micro_batch_size, data.size() - first);
       f.ids = data.batch(first, count);
+      ScopedPhase phase("forward");
       at::Tensor x;
       if (model_.is_first()) {
         x = model_.embed(f.ids);  // no gradient flows into the embedding
@@ -146,7 +154,9 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
         f.loss = nll / static_cast<double>(predicted);
         if (on_logits) on_logits(m, f.ids, logits.detach());
       } else {
-        comm_.send(x.detach().contiguous(), model_.rank() + 1, tag(m, kForward));
+        const at::Tensor out = x.detach().contiguous();
+        ScopedPhase send("communication");
+        comm_.send(out, model_.rank() + 1, tag(m, kForward));
       }
     }
 
@@ -155,9 +165,12 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
         if (on_progress) on_progress(++done, total);
       flight.clear();
     }
-    // Backward in reverse order, layer by layer; weight gradients live one layer at a time.
-    for (std::int64_t m = round_end - 1; options_.backward && m >= round; --m) {
+    // Backward in the order of the forward passes, layer by layer; weight gradients live one
+    // layer at a time. Statistics thus add up micro-batch by micro-batch in ascending order,
+    // the same for every number in flight.
+    for (std::int64_t m = round; options_.backward && m < round_end; ++m) {
       InFlight& f = flight[m - round];
+      ScopedPhase phase("backward");
       at::Tensor grad;
       if (model_.is_last()) {
         grad = torch::autograd::grad({f.loss}, {f.head_input})[0];
@@ -166,6 +179,7 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       } else {
         grad = at::empty({f.ids.size(0), len, model_.config().hidden_size},
                          at::TensorOptions().dtype(model_.dtype()));
+        ScopedPhase wait("communication");
         comm_.recv(grad, model_.rank() + 1, tag(m, kBackward));
       }
       for (std::size_t i = layers; i-- > 0;) {
@@ -184,7 +198,11 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
         grad = input_grad ? std::move(grads[kNumLinears]) : at::Tensor();
         if (on_grads) on_grads(lg);
       }
-      if (!model_.is_first()) comm_.send(grad.contiguous(), model_.rank() - 1, tag(m, kBackward));
+      if (!model_.is_first()) {
+        const at::Tensor out = grad.contiguous();
+        ScopedPhase send("communication");
+        comm_.send(out, model_.rank() - 1, tag(m, kBackward));
+      }
       if (on_progress) on_progress(++done, total);
     }
     const std::int64_t sequences_done = std::min(data.size(), round_end * options_.micro_batch_size);

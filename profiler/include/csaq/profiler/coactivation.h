@@ -4,8 +4,9 @@
 // Only K candidate channels are tracked (chosen on the first micro-batch as the K with the
 // largest mean |y|; index order breaks ties), in a K x K matrix of intersection counts
 // |F_i ∩ F_j| (diagonal: |F_i|), so memory is K*K*8 bytes whatever the number of tokens.
-// Each micro-batch's firing pattern is a 0/1 matrix whose product with itself is added to the
-// counters and then dropped. Not thread-safe.
+// Each micro-batch's firing pattern is packed as one bit vector per candidate (a bit per
+// token) whose pairwise AND + popcount is added to the counters and then dropped (on an
+// accelerator: a 0/1 matrix times itself). Not thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

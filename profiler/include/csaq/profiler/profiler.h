@@ -3,9 +3,9 @@
 //
 // Fed by the pipeline (gradient callback + Linear observer), one pass accumulates, per
 // Linear (M micro-batches, L_m the mean loss of micro-batch m, y = x Wᵀ its output):
-//   grad_sum     Σ_m dL_m/dW                  [out, in] float32
-//   causal       Σ_m |dL_m/dW ⊙ W|            [out, in] float32
-//   fisher       Σ_m (dL_m/dW)²               [out, in] float32
+//   grad_sum     Σ_m dL_m/dW                  [out, in] float32   (kept if the options say so,
+//   causal       Σ_m |dL_m/dW ⊙ W|            [out, in] float32    else undefined: see
+//   fisher       Σ_m (dL_m/dW)²               [out, in] float32    ProfilerOptions::keep_for)
 //   out_grad_sq  Σ_m Σ_t (dL_m/dy_t)²         [out] float64 (output-gradient energy)
 //   input_abs_sum Σ_t |x_t|                   [in] float64
 // and per distinct Linear input of a layer (q/k/v, o, gate/up, down) H = Σ_t x_t x_tᵀ,
@@ -69,6 +69,14 @@ struct ProfilerOptions {
   double rho = 0.98;
   std::int64_t sample_per_linear = 256;
   std::uint64_t seed = 1234;
+  // Per-weight accumulators to keep (4 bytes per weight each); see keep_for.
+  bool keep_grad_sum = true;
+  bool keep_causal = true;
+  bool keep_fisher = true;
+  // Keeps only what cost model `kind` needs: grad_sum for taylor and pqi (the mean gradient
+  // and their early stopping), fisher for fisher, causal whenever gradients are computed
+  // (clique leaders, early stopping of the other kinds, agreement_top5).
+  void keep_for(SalienceKind cost, bool gradients);
 };
 
 struct EarlyStopCheck {
@@ -121,6 +129,8 @@ class Profiler {
   void integrate_pqi(ModelShard& model, const TokenSequences& data, const PipelineOptions& options,
                      std::size_t formats, int points, const DeltaOf& delta_of, const ProgressCallback& progress = {});
   bool has_pqi() const { return !stats_.empty() && stats_.front().pqi.defined(); }
+  // Whether the statistics cost model `kind` needs were accumulated (or loaded).
+  bool has_statistics_for(SalienceKind kind) const;
 
   std::vector<LinearStats>& stats() { return stats_; }
   const std::vector<LinearStats>& stats() const { return stats_; }
@@ -155,7 +165,10 @@ class Profiler {
   ProfilerOptions options_;
   std::vector<LinearStats> stats_;
   std::vector<at::Tensor> sample_index_;  // per local Linear: flat indices into [out*in]
-  std::vector<at::Tensor> hessian_;       // per local layer and input: Σ x xᵀ
+  // Per local layer and input: Σ x xᵀ. Accumulated on the upper triangle where the BLAS has
+  // a symmetric rank-k update (hessian_upper_only_ set), completed when read.
+  mutable std::vector<at::Tensor> hessian_;
+  mutable std::vector<char> hessian_upper_only_;
   std::vector<std::int64_t> hessian_tokens_;
   LinearObserver observer_;
   at::Tensor previous_sample_;

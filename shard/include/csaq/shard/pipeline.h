@@ -3,10 +3,12 @@
 // Forward: rank r receives hidden states from r-1 (the first rank embeds), runs its layers
 // and sends to r+1; the last rank scores the next-token loss. Backward (calibrate): the
 // gradient of the hidden states flows back r+1 -> r. Up to `in_flight` micro-batches are
-// forwarded before their backward passes run (a GPipe schedule), so ranks work concurrently.
-// Weight gradients are computed one layer at a time, handed to the callback and freed: a
-// rank never holds more than one layer's weight gradients. Deterministic: the same data
-// and micro_batch_size give identical results for every world size.
+// forwarded before their backward passes run, in the same order (a GPipe schedule), so ranks
+// work concurrently. Weight gradients are computed one layer at a time, handed to the
+// callback and freed: a rank never holds more than one layer's weight gradients.
+// Deterministic: the same data and micro_batch_size give identical results for every world
+// size and every in_flight (callbacks see micro-batches in ascending order; the round
+// callback runs at the end of every round, and rounds always end at multiples of `align`).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,6 +28,7 @@ struct PipelineOptions {
   std::int64_t micro_batch_size = 1;  // sequences per micro-batch
   std::int64_t in_flight = 4;         // micro-batches forwarded before their backward passes
   bool backward = true;               // false: calibrate runs forward passes only (no gradients)
+  std::int64_t align = 0;             // > 0: no round crosses a multiple of this many micro-batches
 };
 
 struct LossTotals {
@@ -35,8 +38,8 @@ struct LossTotals {
   double mean_nll() const { return predicted_tokens > 0 ? nll_sum / predicted_tokens : 0.0; }
 };
 
-// Where a resumed calibration picks up: the first micro-batch to run (a multiple of
-// in_flight, so rounds line up with an uninterrupted run) and the totals before it.
+// Where a resumed calibration picks up: the first micro-batch to run (any round's end) and
+// the totals before it.
 struct ResumePoint {
   std::int64_t micro_batch = 0;
   LossTotals totals;
