@@ -13,6 +13,7 @@
 #include "csaq/storage/h5.h"
 #include "csaq/storage/safetensors.h"
 #include "cli_support.h"
+#include "h5_compare.h"
 #include "support.h"
 
 namespace csaq {
@@ -384,6 +385,34 @@ TEST(CliQuantize, PostQuantizationIntegralIsProfiledForItsFormatsAndCostsAreChec
   r = run(csaq() + " solve" + model + " --profile " + (dir / "all.h5") + " --salience fisher" + formats +
           " --target-bits 3.5 --out " + (dir / "pf.h5"));
   EXPECT_EQ(r.rc, 0) << r.output;
+}
+
+TEST(CliQuantize, MicroBatchesInFlightChangeNeitherStatisticsNorEarlyStopping) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  // 24 sequences with early-stopping checks at 8, 16 and 24; in flight: 1 (the one-rank
+  // default), 3 (rounds cut at the checks) and 4 (the default on more ranks).
+  const std::string base = " profile --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
+                           " --samples 24 --seq-len 64 --early-stop-rho 0.9999 --out ";
+  const std::vector<std::pair<std::string, std::string>> runs = {
+      {"one.h5", csaq() + base + (dir / "one.h5")},
+      {"three.h5", mpirun(2) + base + (dir / "three.h5") + " --in-flight 3"},
+      {"four.h5", mpirun(3) + base + (dir / "four.h5")}};
+  for (const auto& [name, command] : runs) {
+    const Result r = run(command);
+    ASSERT_EQ(r.rc, 0) << name << "\n" << r.output;
+  }
+  const storage::H5File a = storage::H5File::open_read(dir / "one.h5");
+  for (const char* other : {"three.h5", "four.h5"}) {
+    const storage::H5File b = storage::H5File::open_read(dir / other);
+    int compared = 0;
+    test::expect_same_datasets(a, b, "", compared, {"profile.json", "checksums.json"});
+    EXPECT_GT(compared, 3 * 7 * 6) << other;
+    const json pa = json::parse(a.read_text("profile.json")), pb = json::parse(b.read_text("profile.json"));
+    EXPECT_EQ(pa["early_stop_checks"], pb["early_stop_checks"]) << other;
+    EXPECT_EQ(pa["early_stop_checks"].size(), 2u) << "rho at 16 and 24";
+  }
 }
 
 TEST(CliQuantize, UnreachableTargetAndExistingOutputFailBeforeAnyWork) {

@@ -44,27 +44,42 @@ void add_intersections(const std::uint64_t* bits, std::int64_t k, std::int64_t w
   }
 }
 
-// The k-th largest of `n` non-negative floats (k >= 1), exactly: their bit patterns order like
-// the values, so a histogram of the top 9 bits (sign and exponent) finds the bin holding it,
-// and a selection among that bin's values (usually a small share) finishes.
-float kth_largest(const float* v, std::int64_t n, std::int64_t k, std::vector<float>& scratch) {
-  std::array<std::int32_t, 512> bins{};
-  for (std::int64_t i = 0; i < n; ++i) {
-    std::uint32_t u;
-    std::memcpy(&u, v + i, sizeof(u));
-    ++bins[u >> 23];
-  }
+// Order-preserving keys of |y|: the bit pattern of a float with its sign cleared orders like
+// its magnitude (+0 and -0 both 0).
+void magnitude_keys(const float* v, std::int64_t n, std::uint32_t* keys) {
+  std::memcpy(keys, v, static_cast<std::size_t>(n) * sizeof(float));
+  for (std::int64_t i = 0; i < n; ++i) keys[i] &= 0x7FFFFFFFu;
+}
+
+// The k-th largest of `n` keys (1 <= k <= n), exactly: a histogram of the top 8 bits finds
+// the bin holding it, a histogram of the next 8 bits within that bin the sub-bin, and a
+// selection among the sub-bin's keys (usually a handful) finishes. Four interleaved
+// histograms keep repeated bins from stalling on one counter.
+std::uint32_t kth_largest(const std::uint32_t* keys, std::int64_t n, std::int64_t k, std::vector<std::uint32_t>& rest) {
+  std::array<std::array<std::int32_t, 256>, 4> h{};
+  std::int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int l = 0; l < 4; ++l) ++h[l][keys[i + l] >> 23];
+  for (; i < n; ++i) ++h[0][keys[i] >> 23];
+  auto pick = [&](std::int64_t& above) {  // the bin, from the top, that holds the k-th
+    std::uint32_t bin = 255;
+    for (;; --bin) {
+      const std::int64_t c = h[0][bin] + h[1][bin] + h[2][bin] + h[3][bin];
+      if (above + c >= k) return bin;
+      above += c;
+    }
+  };
   std::int64_t above = 0;
-  std::uint32_t bin = 511;
-  while (above + bins[bin] < k) above += bins[bin--];
-  scratch.clear();
-  for (std::int64_t i = 0; i < n; ++i) {
-    std::uint32_t u;
-    std::memcpy(&u, v + i, sizeof(u));
-    if ((u >> 23) == bin) scratch.push_back(v[i]);
-  }
-  const auto nth = scratch.begin() + (k - above - 1);
-  std::nth_element(scratch.begin(), nth, scratch.end(), std::greater<float>());
+  const std::uint32_t top = pick(above);
+  h = {};
+  for (i = 0; i < n; ++i)
+    if ((keys[i] >> 23) == top) ++h[i & 3][(keys[i] >> 15) & 0xFFu];
+  const std::uint32_t prefix = top << 8 | pick(above);
+  rest.clear();
+  for (i = 0; i < n; ++i)
+    if ((keys[i] >> 15) == prefix) rest.push_back(keys[i]);
+  const auto nth = rest.begin() + (k - above - 1);
+  std::nth_element(rest.begin(), nth, rest.end(), std::greater<std::uint32_t>());
   return *nth;
 }
 
@@ -72,8 +87,9 @@ float kth_largest(const float* v, std::int64_t n, std::int64_t k, std::vector<fl
 
 void CoActivation::observe(const at::Tensor& y) {
   CSAQ_ASSERT(y.size(-1) == channels_);
-  const at::Tensor a = y.detach().reshape({-1, channels_}).abs().to(at::kFloat).contiguous();
+  const at::Tensor y32 = y.detach().reshape({-1, channels_}).to(at::kFloat).contiguous();
   if (!candidates_.defined()) {
+    const at::Tensor a = y32.abs();
     // The K channels with the largest mean |y| on this first micro-batch; stable order.
     const at::Tensor mean = a.mean(0).neg();
     const at::Tensor order = std::get<1>(at::sort(mean, /*stable=*/true, 0, /*descending=*/false));
@@ -82,11 +98,12 @@ void CoActivation::observe(const at::Tensor& y) {
   }
   // Per token: the k-th largest |y| is the firing threshold.
   const std::int64_t k = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(fire_fraction_ * channels_)));
-  const std::int64_t tokens = a.size(0);
+  const std::int64_t tokens = y32.size(0);
   tokens_ += tokens;
-  if (!a.device().is_cpu()) {
+  if (!y32.device().is_cpu()) {
     // On an accelerator: the 0/1 firing matrix times itself (exact: per micro-batch counts
     // stay far below 2^24).
+    const at::Tensor a = y32.abs();
     const at::Tensor threshold = std::get<0>(at::topk(a, k, -1)).select(-1, k - 1).unsqueeze(-1);
     const at::Tensor fires = (a.index_select(1, candidates_.to(a.device())) >= threshold).to(at::kFloat);
     counts_ += at::matmul(fires.t(), fires).round().to(at::kLong).cpu();
@@ -96,18 +113,18 @@ void CoActivation::observe(const at::Tensor& y) {
   // threshold by selection (not sorting) per token, and intersections by AND + popcount.
   const std::int64_t kc = max_candidates_, words = (tokens + 63) / 64;
   std::vector<std::uint64_t> bits(static_cast<std::size_t>(kc * words), 0);
-  const float* values = a.data_ptr<float>();
+  const float* values = y32.data_ptr<float>();
   const std::int64_t* cand = candidates_.data_ptr<std::int64_t>();
   at::parallel_for(0, words, 1, [&](std::int64_t w0, std::int64_t w1) {
-    std::vector<float> scratch;
-    scratch.reserve(static_cast<std::size_t>(channels_));
+    std::vector<std::uint32_t> keys(static_cast<std::size_t>(channels_)), rest;
+    rest.reserve(static_cast<std::size_t>(channels_));
     for (std::int64_t w = w0; w < w1; ++w)
       for (std::int64_t t = w * 64; t < std::min(tokens, (w + 1) * 64); ++t) {
-        const float* v = values + t * channels_;
-        const float threshold = kth_largest(v, channels_, k, scratch);
+        magnitude_keys(values + t * channels_, channels_, keys.data());
+        const std::uint32_t threshold = kth_largest(keys.data(), channels_, k, rest);
         const std::uint64_t bit = std::uint64_t{1} << (t - w * 64);
         for (std::int64_t j = 0; j < kc; ++j)
-          if (v[cand[j]] >= threshold) bits[static_cast<std::size_t>(j * words + w)] |= bit;
+          if (keys[static_cast<std::size_t>(cand[j])] >= threshold) bits[static_cast<std::size_t>(j * words + w)] |= bit;
       }
   });
   std::int64_t* counts = counts_.data_ptr<std::int64_t>();
