@@ -11,8 +11,8 @@
 #include <unistd.h>
 
 #include <cstdio>
-#include <fstream>
 
+#include "csaq/shard/phases.h"
 #include "csaq/shard/pipeline.h"
 
 namespace csaq {
@@ -23,12 +23,7 @@ struct Measurement {
   double peak_growth = 0;  // highest sampled RSS during the pass minus RSS before it
 };
 
-double current_rss_bytes() {
-  std::ifstream statm("/proc/self/statm");
-  long pages_total = 0, pages_resident = 0;
-  statm >> pages_total >> pages_resident;
-  return static_cast<double>(pages_resident) * static_cast<double>(::sysconf(_SC_PAGESIZE));
-}
+double current_rss_bytes() { return static_cast<double>(resident_bytes()); }
 
 Measurement measure_child(bool keep_all_grads) {
   mallopt(M_MMAP_THRESHOLD, 64 * 1024);  // large blocks go back to the OS when freed

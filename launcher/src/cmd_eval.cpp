@@ -50,7 +50,7 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   if (!quantized.empty()) ckpt = std::make_unique<QuantizedCheckpoint>(quantized);
   const ModelConfig config = ckpt ? ckpt->config() : model_config(model_dir, comm);
   warn_if_beyond_positions(config, seq_len, comm);
-  const at::ScalarType type = compute_dtype(dtype, config);
+  const at::ScalarType type = compute_dtype(dtype);
   ModelShard model = ckpt ? ModelShard(config, comm.rank(), comm.size(), ckpt->source(), type)
                           : load_model_shard(model_dir, comm.rank(), comm.size(), type);
   // Text is tokenized with --tokenizer, else the model's own (a checkpoint keeps it).

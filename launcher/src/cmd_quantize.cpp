@@ -444,7 +444,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   check_target(config, sopt);
   if (!rtn) warn_if_beyond_positions(config, pa.seq_len, comm);
 
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype, config));
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype));
   json report = base_report("quantize", model_dir, comm);
   report["method"] = method;
   report["time_s"]["load"] = seconds_since(start);
@@ -495,7 +495,7 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   install_preemption_handlers();
   const ModelConfig config = model_config(model_dir, comm);
   warn_if_beyond_positions(config, pa.seq_len, comm);
-  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype, config));
+  ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype));
   Profiler profiler(model, comm, popt);
   json report = base_report("profile", model_dir, comm);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;

@@ -46,9 +46,9 @@ void warn_if_beyond_positions(const ModelConfig& config, std::int64_t seq_len, c
 // The dtype a checkpoint stores its weights in (config.json torch_dtype / dtype; float32
 // when absent).
 at::ScalarType checkpoint_dtype(const ModelConfig& config);
-// --dtype: float32, bfloat16, float16, or auto (the checkpoint's; float16 becomes float32 in
-// CPU builds, whose matrix products have no float16 kernels).
-at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config);
+// --dtype: float32, bfloat16, float16 (CUDA builds only: CPU matrix products have no float16
+// kernels), or auto (float32 while the layers compute on the CPU).
+at::ScalarType compute_dtype(const std::string& name);
 
 // Sets LibTorch's intra-op threads: `requested`, or when 0 this node's cores shared
 // evenly between the ranks on it.

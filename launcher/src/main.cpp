@@ -93,21 +93,17 @@ at::ScalarType checkpoint_dtype(const ModelConfig& c) {
   return t == at::ScalarType::Undefined ? at::kFloat : t;
 }
 
-at::ScalarType compute_dtype(const std::string& name, const ModelConfig& config) {
+at::ScalarType compute_dtype(const std::string& name) {
 #ifdef CSAQ_WITH_CUDA
   constexpr bool kHalfKernels = true;
 #else
   constexpr bool kHalfKernels = false;
 #endif
-  if (name == "auto") {
-    // The model's layers compute on the CPU in every build so far: float32 there, the exact
-    // choice and never a slow one (how fast CPU bfloat16 products are depends on the CPU's
-    // native support; float16 has none; docs/performance.md). On a GPU the checkpoint's own
-    // dtype is the fast one.
-    constexpr bool kComputeOnGpu = false;
-    const at::ScalarType t = checkpoint_dtype(config);
-    return kComputeOnGpu ? t : at::kFloat;
-  }
+  // The model's layers compute on the CPU in every build so far: float32 there, the exact
+  // choice and never a slow one (how fast CPU bfloat16 products are depends on the CPU's
+  // native support; float16 has none; docs/performance.md). Once layers compute on a GPU,
+  // `auto` there is the checkpoint's own dtype (checkpoint_dtype), the fast one.
+  if (name == "auto") return at::kFloat;
   const at::ScalarType t = dtype_from_name(name);
   if (t == at::ScalarType::Undefined)
     throw UsageError{"--dtype must be auto, float32, bfloat16 or float16, not '" + name + "'"};

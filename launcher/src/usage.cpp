@@ -21,10 +21,7 @@ constexpr std::array<const char*, 10> kPhases{"forward", "backward", "salience_f
 
 // Each rank's `values` as rows of a [world, n] tensor (every rank gets all rows).
 at::Tensor gather_rows(Communicator& comm, const std::vector<double>& values) {
-  at::Tensor all = at::zeros({comm.size(), static_cast<std::int64_t>(values.size())}, at::kDouble);
-  for (std::size_t i = 0; i < values.size(); ++i) all[comm.rank()][static_cast<std::int64_t>(i)] = values[i];
-  comm.all_reduce(all, ReduceOp::kSum);
-  return all;
+  return comm.all_gather(at::tensor(values, at::kDouble));
 }
 }  // namespace
 

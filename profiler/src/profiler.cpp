@@ -63,9 +63,7 @@ const at::Tensor& kept(const at::Tensor& t, const char* name, const char* profil
 at::Tensor zeros_if(bool keep, std::int64_t out, std::int64_t in) {
   return keep ? at::zeros({out, in}, at::kFloat) : at::Tensor();
 }
-}  // namespace
 
-namespace {
 // cblas_ssyrk of the BLAS LibTorch uses, if it exports one (OpenBLAS and Debian's reference
 // BLAS do): H += XᵀX on one triangle, half the work of a full matrix product.
 using Ssyrk = void (*)(int order, int uplo, int trans, int n, int k, float alpha, const float* a, int lda, float beta,

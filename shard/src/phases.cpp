@@ -11,8 +11,7 @@ using Clock = std::chrono::steady_clock;
 
 struct PhaseState {
   std::map<std::string, double> seconds;
-  ScopedPhase* current = nullptr;
-  const char* current_name = nullptr;
+  const char* current = nullptr;  // the innermost open phase
   Clock::time_point since;
 };
 
@@ -20,22 +19,20 @@ thread_local PhaseState state;
 
 // Charges the time since the last switch to the phase running now.
 void charge(Clock::time_point now) {
-  if (state.current_name != nullptr)
-    state.seconds[state.current_name] += std::chrono::duration<double>(now - state.since).count();
+  if (state.current != nullptr)
+    state.seconds[state.current] += std::chrono::duration<double>(now - state.since).count();
   state.since = now;
 }
 }  // namespace
 
-ScopedPhase::ScopedPhase(const char* phase) : phase_(phase), outer_(state.current) {
+ScopedPhase::ScopedPhase(const char* phase) : outer_(state.current) {
   charge(Clock::now());
-  state.current = this;
-  state.current_name = phase_;
+  state.current = phase;
 }
 
 ScopedPhase::~ScopedPhase() {
   charge(Clock::now());
   state.current = outer_;
-  state.current_name = outer_ != nullptr ? outer_->phase_ : nullptr;
 }
 
 std::map<std::string, double> phase_seconds() {

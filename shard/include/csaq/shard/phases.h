@@ -21,8 +21,7 @@ class ScopedPhase {
   ScopedPhase& operator=(const ScopedPhase&) = delete;
 
  private:
-  const char* phase_;
-  ScopedPhase* outer_;
+  const char* outer_;  // the phase this one pauses, resumed when it ends
 };
 
 // Seconds per phase since the start of the process (or the last reset) on this thread.
