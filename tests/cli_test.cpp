@@ -26,7 +26,7 @@ TEST(Cli, EvalGivesTheSamePerplexityOnOneTwoAndThreeRanks) {
   make_demo(dir);
   if (HasFatalFailure()) return;
   const std::string args = " eval --model " + (dir / "demo") + " --data " + (dir / "demo/tokens.npy") +
-                           " --seq-len 100 --batch-size 2 --report ";
+                           " --seq-len 100 --batch-size 2 --threads 1 --report ";
   std::vector<json> reports;
   for (int ranks = 1; ranks <= 3; ++ranks) {
     const std::string report = dir / ("r" + std::to_string(ranks) + ".json");
@@ -54,7 +54,7 @@ TEST(Cli, TinyStoriesPerplexityOnOneAndTwoRanksMatchesTheReference) {
   for (int ranks : {1, 2}) {
     const std::string report = dir / ("r" + std::to_string(ranks) + ".json");
     Result r = run(mpirun(ranks) + " eval --model " + model_dir + " --data " + heldout +
-                   " --seq-len 512 --report " + report);
+                   " --seq-len 512 --threads 1 --report " + report);
     ASSERT_EQ(r.rc, 0) << r.output;
     const json rep = read_json(report);
     EXPECT_NEAR(rep["perplexity"].get<double>(), 36.64, 36.64 * 1e-3);
@@ -245,7 +245,7 @@ TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
   TempDir dir;
   make_demo(dir);
   if (HasFatalFailure()) return;
-  const std::string data = " --data " + (dir / "demo/tokens.npy") + " --seq-len 64";
+  const std::string data = " --data " + (dir / "demo/tokens.npy") + " --seq-len 64 --threads 1";
   Result r = run(mpirun(3) + " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") +
                  " --seq-len 64 --samples 16 --target-bits 5 --bit-options 2,4,8 --group-options 32 --out " +
                  (dir / "q.h5"));
@@ -262,7 +262,7 @@ TEST(CliQuantize, ExportInspectAndReloadAgreeWithTheCheckpoint) {
               storage::read_text_file(dir / ("demo/" + std::string(file)))) << file;
   EXPECT_EQ(read_json(dir / "hf/config.json")["torch_dtype"], read_json(dir / "demo/config.json")["torch_dtype"]);
   // Text data needs the exported directory's own tokenizer.
-  const std::string text = " --data " + (dir / "demo/heldout.txt") + " --seq-len 64";
+  const std::string text = " --data " + (dir / "demo/heldout.txt") + " --seq-len 64 --threads 1";
   const Result a = run(csaq() + " eval --quantized " + (dir / "q.h5") + data);
   const Result b = run(mpirun(2) + " eval --model " + (dir / "hf") + data);
   const Result at = run(csaq() + " eval --quantized " + (dir / "q.h5") + text);
@@ -394,7 +394,7 @@ TEST(CliQuantize, MicroBatchesInFlightChangeNeitherStatisticsNorEarlyStopping) {
   // 24 sequences with early-stopping checks at 8, 16 and 24; in flight: 1 (the one-rank
   // default), 3 (rounds cut at the checks) and 4 (the default on more ranks).
   const std::string base = " profile --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
-                           " --samples 24 --seq-len 64 --early-stop-rho 0.9999 --out ";
+                           " --samples 24 --seq-len 64 --early-stop-rho 0.9999 --threads 1 --out ";
   const std::vector<std::pair<std::string, std::string>> runs = {
       {"one.h5", csaq() + base + (dir / "one.h5")},
       {"three.h5", mpirun(2) + base + (dir / "three.h5") + " --in-flight 3"},

@@ -24,13 +24,14 @@ class Resume : public ::testing::Test {
   }
 
   // 24 calibration sequences in rounds of 2, a checkpoint every `every` (2) micro-batches,
-  // no early stop unless `rho` says so.
+  // no early stop unless `rho` says so; one thread per rank, so that runs on different world
+  // sizes compare the same arithmetic (the BLAS may round differently with other thread counts).
   std::string quantize(const std::string& out, const std::string& extra = "", int every = 2,
                        const std::string& rho = "0.9999") const {
     return " quantize --model " + (dir / "demo") + " --calib " + (dir / "demo/calib.txt") +
            " --samples 24 --seq-len 64 --in-flight 2 --checkpoint-every " + std::to_string(every) +
            " --early-stop-rho " + rho + " --target-bits 5"
-           " --bit-options 2,4,8 --group-options 32 --clique-threshold 0.5 --out " + (dir / out) + " --report " +
+           " --bit-options 2,4,8 --group-options 32 --clique-threshold 0.5 --threads 1 --out " + (dir / out) + " --report " +
            (dir / (out + ".json")) + extra;
   }
 

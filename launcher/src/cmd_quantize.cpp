@@ -11,8 +11,9 @@
 
 #include "calibration_checkpoint.h"
 #include "commands.h"
-#include "usage.h"
+#include "plan.h"
 #include "stages.h"
+#include "usage.h"
 #include "csaq/packer/checkpoint.h"
 #include "csaq/profiler/profiler.h"
 #include "csaq/shard/phases.h"
@@ -123,108 +124,14 @@ std::unique_ptr<Profiler> load_profile(const std::string& path, const ModelShard
   return profiler;
 }
 
+void check_target(const ModelConfig& config, const SolverOptions& sopt) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
+  for (std::int64_t l = 0; l < config.num_layers; ++l)
+    for (const auto& s : linear_shapes(config)) shapes.push_back(s);
+  check_target_reachable(shapes, sopt);
+}
+
 namespace {
-
-// Options of stage 1.
-struct ProfileArgs {
-  std::string calib, tokenizer, sampling = "random", salience = "taylor", checkpoint_dir, resume = "auto", dtype = "auto";
-  std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 0, candidates = 512, checkpoint_every = 32;
-  std::int64_t pqi_samples = 8, pqi_points = 2;
-  std::uint64_t seed = 0;
-  double rho = 0.98;
-  bool keep_all = false;  // every per-weight accumulator, whatever the cost model
-
-  void add(po::options_description& o) {
-    o.add_options()
-        ("calib", po::value(&calib), "calibration text (.txt, .jsonl with a \"text\" field) or token ids (1-D .npy)")
-        ("tokenizer", po::value(&tokenizer), "directory with tokenizer.json or tokenizer.model (default: --model)")
-        ("sampling", po::value(&sampling)->default_value(sampling), "random (windows at seeded random offsets) | contiguous")
-        ("seed", po::value(&seed)->default_value(seed), "seed of the random calibration windows")
-        ("samples", po::value(&samples)->default_value(samples), "calibration sequences")
-        ("seq-len", po::value(&seq_len)->default_value(seq_len), "tokens per calibration sequence")
-        ("salience", po::value(&salience)->default_value(salience), "cost model: taylor | hessian | pqi | causal | fisher | activation | magnitude (docs/method-choices.md)")
-        ("pqi-samples", po::value(&pqi_samples)->default_value(pqi_samples), "--salience pqi: calibration sequences per gradient pass")
-        ("pqi-points", po::value(&pqi_points)->default_value(pqi_points), "--salience pqi: Gauss-Legendre points of the integral (1-3)")
-        ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
-        ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once the tracked statistic's Spearman rho reaches this (> 1: never)")
-        ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
-        ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline (0: 1 on one rank, else 4); does not change the result")
-        ("checkpoint-dir", po::value(&checkpoint_dir), "calibration checkpoints (default: <out>.calib)")
-        ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "micro-batches between calibration checkpoints (0: only on SIGUSR1/SIGTERM)")
-        ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must")
-        ("dtype", po::value(&dtype)->default_value(dtype), "compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (statistics always accumulate in float32)");
-  }
-  // Everything that changes what calibration computes (the world size does not).
-  json fingerprint_options(bool gradients) const {
-    const ProfilerOptions p = options(gradients);
-    return {{"salience", salience}, {"candidates", p.candidates}, {"fire_fraction", p.fire_fraction},
-            {"early_stop", p.early_stop}, {"rho", p.rho}, {"check_every", p.check_every},
-            {"min_sequences", p.min_sequences}, {"sample_per_linear", p.sample_per_linear}, {"sample_seed", p.seed},
-            {"samples", samples}, {"seq_len", seq_len}, {"sampling", sampling}, {"seed", seed},
-            {"batch_size", batch_size}, {"dtype", dtype}, {"gradients", gradients},
-            {"keep_fisher", p.keep_fisher}, {"keep_grad_sum", p.keep_grad_sum}};
-  }
-  // One rank gains nothing from micro-batches in flight (they only let ranks overlap) and
-  // holds their activations: 1 there. Rounds end at every early-stopping check, so checks
-  // (and results) are the same for every in_flight and world size.
-  PipelineOptions pipeline_options(bool gradients, int world) const {
-    PipelineOptions p{batch_size, in_flight > 0 ? in_flight : (world == 1 ? 1 : 4), gradients};
-    p.align = (ProfilerOptions{}.check_every + batch_size - 1) / batch_size;
-    return p;
-  }
-  // `gradients` false: forward passes only (GPTQ needs only the input Hessians).
-  ProfilerOptions options(bool gradients) const {
-    if (samples < 1) throw UsageError{"--samples must be at least 1"};
-    if (seq_len < 2) throw UsageError{"--seq-len must be at least 2 (a token and the next)"};
-    if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
-    if (in_flight < 0) throw UsageError{"--in-flight must be 0 (automatic) or positive"};
-    if (candidates < 1) throw UsageError{"--candidates must be at least 1"};
-    if (checkpoint_every < 0) throw UsageError{"--checkpoint-every must be 0 (only on signals) or positive"};
-    if (!(rho > -1.0)) throw UsageError{"--early-stop-rho must be above -1 (a rank correlation; > 1 never stops)"};
-    if (pqi_samples < 1) throw UsageError{"--pqi-samples must be at least 1"};
-    if (pqi_points < 1 || pqi_points > 3) throw UsageError{"--pqi-points must be 1, 2 or 3"};
-    ProfilerOptions p;
-    p.kind = parse_salience_kind(salience);
-    p.candidates = candidates;
-    p.rho = rho;
-    p.early_stop = gradients && rho <= 1.0;
-    p.keep_for(p.kind, gradients);
-    if (keep_all && gradients) p.keep_grad_sum = p.keep_causal = p.keep_fisher = true;
-    return p;
-  }
-};
-
-// Options of stage 2.
-struct SolveArgs {
-  std::string solver = "lagrangian", target_kind = "total";
-  double target = 0, clique_threshold = 0.85;
-
-  void add(po::options_description& o) {
-    o.add_options()
-        ("target-bits", po::value(&target)->required(), "average bits per decoder weight")
-        ("target", po::value(&target_kind)->default_value(target_kind), "what --target-bits counts: total (everything stored) or payload (codes only)")
-        ("clique-threshold", po::value(&clique_threshold)->default_value(clique_threshold), "Jaccard similarity that joins a channel to a clique (above 1: no cliques)")
-        ("solver", po::value(&solver)->default_value(solver), "lagrangian | threshold");
-  }
-  // `method`: csaq (mixed formats), gptq or rtn (uniform).
-  SolverOptions options(const std::string& method, const FormatArgs& formats) const {
-    if (target_kind != "total" && target_kind != "payload") throw UsageError{"--target must be total or payload"};
-    if (!(target > 0) || !std::isfinite(target)) throw UsageError{"--target-bits must be a positive number"};
-    if (!(clique_threshold >= 0) || !std::isfinite(clique_threshold))
-      throw UsageError{"--clique-threshold must be a Jaccard similarity, 0 to 1 (above 1: no cliques)"};
-    SolverOptions s;
-    formats.apply(s);
-    s.kind = method == "csaq" ? parse_solver_kind(solver) : SolverKind::kUniform;
-    if (method == "gptq") {
-      if (formats.quantizer != "gptq") throw UsageError{"--method gptq quantizes with GPTQ; drop --quantizer " + formats.quantizer};
-      s.quantizer.gptq = true;
-    }
-    if (method == "rtn") s.quantizer.gptq = false;
-    s.target_bits = target;
-    s.target_is_total = target_kind == "total";
-    return s;
-  }
-};
 
 // The post-quantization integral of every row in every option pair; Δ: the Linear's rows
 // quantized in that format, each on its own parameters, as pack's quantizer would.
@@ -247,13 +154,6 @@ void pqi_stage(ModelShard& model, Profiler& profiler, const TokenSequences& data
                          static_cast<int>(a.pqi_points), delta_of, progress.callback());
 }
 
-// Refuses a bad target from the config alone, before loading weights or calibrating.
-void check_target(const ModelConfig& config, const SolverOptions& sopt) {
-  std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
-  for (std::int64_t l = 0; l < config.num_layers; ++l)
-    for (const auto& s : linear_shapes(config)) shapes.push_back(s);
-  check_target_reachable(shapes, sopt);
-}
 
 // Stage 1 on every rank, resuming from `checkpoints`' newest checkpoint as --resume says;
 // `gradients` false runs forward passes only. The end of calibration is checkpointed when
@@ -395,12 +295,28 @@ void pack_stage(const std::string& out, const std::string& model_dir, const Mode
                    read_model_files(model_dir, comm), comm, overwrite, progress.callback());
   report["time_s"]["pack"] = seconds_since(t);
   report["time_s"]["total"] = seconds_since(start);
+  end_stage("pack");
   report["memory"] = memory_json(comm);
   report["runtime"] = runtime_json();
   if (comm.rank() == 0) {
     std::printf("wrote %s\n", out.c_str());
     if (!report_path.empty()) storage::write_file_atomic(report_path, report.dump(2) + "\n", overwrite);
   }
+}
+
+// What csaq plan predicts for this run (the sequences it used), next to what it measured: the
+// FLOPs of each stage, from which csaq plan --rate-from projects other runs, and the peak
+// memory of each rank.
+void add_planned(json& report, const ModelConfig& config, const RunShape& shape) {
+  const std::int64_t used = report.contains("early_stop") ? report["early_stop"].value("sequences_used", shape.samples)
+                                                          : shape.samples;
+  const RunPlan p = plan_run(config, static_cast<int>(report["world_size"].get<int>()), shape, used);
+  report["work"] = {{"calibration_critical_flops", p.work.calibration_critical},
+                    {"solve_flops_slowest_rank", p.work.solve_critical()},
+                    {"pack_flops_slowest_rank", p.work.pack_critical()}};
+  json peaks = json::array();
+  for (const auto& r : p.ranks) peaks.push_back(r.peak);
+  report["planned_peak_bytes"] = peaks;
 }
 
 json base_report(const std::string& command, const std::string& model_dir, Communicator& comm) {
@@ -445,13 +361,17 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   if (!rtn) warn_if_beyond_positions(config, pa.seq_len, comm);
 
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype));
+  end_stage("load");
   json report = base_report("quantize", model_dir, comm);
   report["method"] = method;
+  report["layer_partition"] = json::array();
+  for (const auto& r : model.partition()) report["layer_partition"].push_back({r.begin, r.end});
   report["time_s"]["load"] = seconds_since(start);
   Profiler profiler(model, comm, popt);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
   if (!rtn) {
     json part = profile_stage(model, profiler, pa, gradients, true, sopt, model_dir, out, comm, checkpoints);
+    end_stage("calibration");
     report["time_s"]["profile"] = part["profile_s"];
     report["time_s"]["calibration_pass"] = part["calibration_pass"];
     part.erase("profile_s");
@@ -460,6 +380,8 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
     checkpoints->stop_if_preempted(profiler);
   }
   const Plan plan = solve_stage(model, rtn ? nullptr : &profiler, popt.kind, sopt, sa.clique_threshold, comm, report);
+  end_stage("solve");
+  add_planned(report, config, run_shape("quantize", method, pa, fa, sa, config, comm.size()));
   if (checkpoints) checkpoints->stop_if_preempted(profiler);
   pack_stage(out, model_dir, model, plan, rtn ? nullptr : &profiler, sopt.quantizer, report, report_path, overwrite,
              comm, start);
@@ -496,15 +418,18 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   const ModelConfig config = model_config(model_dir, comm);
   warn_if_beyond_positions(config, pa.seq_len, comm);
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype));
+  end_stage("load");
   Profiler profiler(model, comm, popt);
   json report = base_report("profile", model_dir, comm);
   std::unique_ptr<CalibrationCheckpointer> checkpoints;
   json part = profile_stage(model, profiler, pa, true, false, sopt, model_dir, out, comm, checkpoints);
+  end_stage("calibration");
   report["time_s"]["calibration_pass"] = part["calibration_pass"];
   part.erase("calibration_pass");
   report.update(part);
   write_shared_h5(out, overwrite, comm, [&](storage::H5File& f) { profiler.save(f, comm, report.dump()); });
   checkpoints->remove_all();
+  end_stage("save");
   report["memory"] = memory_json(comm);
   report["runtime"] = runtime_json();
   if (comm.rank() == 0) {

@@ -26,6 +26,7 @@ int run_pack(const std::vector<std::string>& args, Communicator& comm);
 int run_export(const std::vector<std::string>& args, Communicator& comm);
 int run_inspect(const std::vector<std::string>& args, Communicator& comm);
 int run_check_costs(const std::vector<std::string>& args, Communicator& comm);
+int run_plan(const std::vector<std::string>& args, Communicator& comm);
 
 // Parses `args` against `options` (plus --help) into `vm`. Returns false after printing
 // the help text (rank 0), when the caller should exit 0. Unknown options throw.

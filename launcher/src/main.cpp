@@ -40,6 +40,7 @@ const char* kUsage =
     "  export     write a quantized checkpoint as a dequantized Hugging Face model\n"
     "  inspect    summarize a quantized checkpoint\n"
     "  check-costs  how well each cost model predicts the loss change of quantizing a unit\n"
+    "  plan       memory per rank, disk and time of a run, from config.json alone; the world size that fits\n"
     "  make-demo  write a small random Llama checkpoint and token file (no downloads)\n"
     "\n"
     "Run under mpirun/srun to shard the model's layers across ranks.\n"
@@ -194,6 +195,7 @@ int main(int argc, char** argv) {
     if (command == "export") return csaq::cli::run_export(args, *comm);
     if (command == "inspect") return csaq::cli::run_inspect(args, *comm);
     if (command == "check-costs") return csaq::cli::run_check_costs(args, *comm);
+    if (command == "plan") return csaq::cli::run_plan(args, *comm);
     throw csaq::cli::UsageError{"unknown command '" + command + "'"};
   } catch (const csaq::cli::Preempted& p) {
     if (rank == 0)

@@ -3,16 +3,21 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#include <malloc.h>
 
 #include <array>
 #include <cstdlib>
 #include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "csaq/shard/phases.h"
 
 namespace csaq::cli {
 namespace {
 std::int64_t g_baseline_rss = 0;
+std::vector<std::pair<std::string, std::int64_t>> g_stage_peaks;
 
 // Every phase a run can report, in report order.
 constexpr std::array<const char*, 10> kPhases{"forward", "backward", "salience_fold", "output_gradient_energy",
@@ -27,6 +32,11 @@ at::Tensor gather_rows(Communicator& comm, const std::vector<double>& values) {
 
 void record_start_of_run() { g_baseline_rss = resident_bytes(); }
 
+void end_stage(const char* stage) {
+  g_stage_peaks.emplace_back(stage, peak_resident_bytes());
+  malloc_trim(0);
+}
+
 std::string blas_description() {
   void* sgemm = dlsym(RTLD_DEFAULT, "sgemm_");
   Dl_info info{};
@@ -34,8 +44,12 @@ std::string blas_description() {
   std::error_code ec;
   const std::string file = std::filesystem::canonical(info.dli_fname, ec).string();
   using ConfigFn = char* (*)();
-  if (auto config = reinterpret_cast<ConfigFn>(dlsym(RTLD_DEFAULT, "openblas_get_config")))
-    return std::string(config()) + " (" + (ec ? info.dli_fname : file) + ")";
+  if (auto config = reinterpret_cast<ConfigFn>(dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
+    // The configuration names the build's default target; the kernels in use are the core's.
+    auto corename = reinterpret_cast<ConfigFn>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+    return std::string(config()) + (corename ? std::string(", kernels: ") + corename() : std::string()) + " (" +
+           (ec ? info.dli_fname : file) + ")";
+  }
   return ec ? info.dli_fname : file;
 }
 
@@ -45,15 +59,20 @@ nlohmann::json runtime_json() {
 
 nlohmann::json memory_json(Communicator& comm) {
   const double peak = static_cast<double>(peak_resident_bytes()), base = static_cast<double>(g_baseline_rss);
-  const at::Tensor all = gather_rows(comm, {base, peak});
+  std::vector<double> values{base, peak};
+  for (const auto& [stage, bytes] : g_stage_peaks) values.push_back(static_cast<double>(bytes));
+  const at::Tensor all = gather_rows(comm, values);
+  auto at_rank = [&](std::int64_t r, std::size_t i) { return static_cast<std::int64_t>(all[r][static_cast<std::int64_t>(i)].item<double>()); };
   nlohmann::json baseline = nlohmann::json::array(), peaks = nlohmann::json::array(), over = nlohmann::json::array();
+  nlohmann::json after = nlohmann::json::object();
   for (std::int64_t r = 0; r < comm.size(); ++r) {
-    const auto b = static_cast<std::int64_t>(all[r][0].item<double>()), p = static_cast<std::int64_t>(all[r][1].item<double>());
-    baseline.push_back(b);
-    peaks.push_back(p);
-    over.push_back(p - b);
+    baseline.push_back(at_rank(r, 0));
+    peaks.push_back(at_rank(r, 1));
+    over.push_back(at_rank(r, 1) - at_rank(r, 0));
+    for (std::size_t i = 0; i < g_stage_peaks.size(); ++i) after[g_stage_peaks[i].first].push_back(at_rank(r, 2 + i) - at_rank(r, 0));
   }
-  return {{"baseline_rss_bytes", baseline}, {"peak_rss_bytes", peaks}, {"peak_over_baseline_bytes", over}};
+  return {{"baseline_rss_bytes", baseline}, {"peak_rss_bytes", peaks}, {"peak_over_baseline_bytes", over},
+          {"peak_over_baseline_after", after}};
 }
 
 nlohmann::json phases_json(Communicator& comm, double total_s) {

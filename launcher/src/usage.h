@@ -18,8 +18,16 @@ std::string blas_description();
 // {"blas", "threads" (intra-op threads per rank), "device"}.
 nlohmann::json runtime_json();
 
-// Collective. Per rank: resident memory at the start of the run, its peak, and the peak over
-// the start: {"baseline_rss_bytes": [...], "peak_rss_bytes": [...], "peak_over_baseline_bytes": [...]}.
+// At the end of stage `stage` (every rank ends the same stages in the same order): notes the
+// peak resident memory so far, so that a report says which stage set the peak, and hands the
+// memory the stage freed back to the system (malloc_trim), so that the next stage's peak is its
+// own tensors' and not the allocator's leftovers (docs/planning.md).
+void end_stage(const char* stage);
+
+// Collective. Per rank: resident memory at the start of the run, its peak, the peak over the
+// start, and the peak over the start at the end of each recorded stage:
+// {"baseline_rss_bytes": [...], "peak_rss_bytes": [...], "peak_over_baseline_bytes": [...],
+//  "peak_over_baseline_after": {"<stage>": [...], ...}}.
 nlohmann::json memory_json(Communicator& comm);
 // Collective. Seconds per phase (see csaq/shard/phases.h) since the last reset_phases(), one
 // object per rank, with "total" (the wall-clock time since that reset) and "other" (outside any
