@@ -157,6 +157,16 @@ TEST(Partition, BalancesBytesWithEmbeddingOnFirstAndHeadOnLast) {
   EXPECT_EQ(h[1].size(), 3);
 }
 
+TEST(Partition, RanksTheMaximumDoesNotConstrainShareTheLayersEvenly) {
+  // Embedding and head of 100 each dwarf 10 layers of 2: ranks 0 and 3 take one layer each
+  // (the maximum, 102, is theirs), and the 8 others split 4 and 4, not 1 and 7.
+  auto r = partition_layers(std::vector<std::uint64_t>(10, 2), 100, 100, 4);
+  EXPECT_EQ(r[0].size(), 1);
+  EXPECT_EQ(r[1].size(), 4);
+  EXPECT_EQ(r[2].size(), 4);
+  EXPECT_EQ(r[3].size(), 1);
+}
+
 TEST(Partition, EveryRankGetsContiguousNonEmptyRangesCoveringAllLayers) {
   for (int world = 1; world <= 7; ++world) {
     auto r = partition_layers(std::vector<std::uint64_t>(7, 5), 3, 4, world);

@@ -40,22 +40,20 @@ std::vector<std::int64_t> hessian_inputs(const ModelConfig& c) {
   return {s[0].in, s[3].in, s[4].in, s[6].in};
 }
 
-// Bytes a quantizer pass over one Linear holds at once besides the weights, per weight: the
-// clip search's [rows, in] temporaries, int64 codes and float32 values (twice, before and after
-// the column permutation), ΔW and the cost model's products.
-constexpr std::int64_t kQuantizeBytesPerWeight = 40;
+// Fitted on measured runs (docs/planning.md), these three: a quantizer pass over one Linear
+// holds, besides the weights, this much per weight (the clip search's [rows, in] temporaries,
+// int64 codes and float32 values, ΔW and the cost model's products, not all at once);
+constexpr std::int64_t kQuantizeBytesPerWeight = 20;
 
 // GPTQ's factor of an input's Hessian, per entry: the float32 factor kept and, while it is
-// computed, float64 copies (the permuted and the damped matrix, the Cholesky factor, its
-// inverse and that one's factor), 60 bytes with the allocator's leftovers (fitted, as below).
+// computed, up to three float64 copies (32 bytes), which the allocator's leftovers make 60 on
+// the shapes measured (their blocks come from the heap; a large model's are mapped and freed);
 std::int64_t gptq_factor_bytes(std::int64_t in) { return in * in * 60; }
 
-// Fitted on measured runs (docs/planning.md): the peak resident set of calibration exceeds the
-// tensors counted here (saved activations, one layer's backward) by this factor, what glibc's
-// allocator keeps between micro-batches and autograd's smaller temporaries; and the solve and
-// pack stages hold this much besides the terms above.
+// and the peak resident set of calibration exceeds the tensors counted here (the saved
+// activations, one layer's backward) by this factor: what glibc's allocator keeps between
+// micro-batches and autograd's smaller temporaries.
 constexpr double kTransientOverhead = 1.4;
-constexpr std::int64_t kQuantizeBaseBytes = std::int64_t{10} << 20;
 
 }  // namespace
 
@@ -145,7 +143,7 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   std::int64_t clique_work = 0;
   if (run.gradients())
     for (const auto& l : linears) clique_work = std::max(clique_work, 3 * 8 * std::min(l.out, p.candidates) * std::min(l.out, p.candidates));
-  const std::int64_t quantize_work = kQuantizeBytesPerWeight * largest + factor + kQuantizeBaseBytes;
+  const std::int64_t quantize_work = kQuantizeBytesPerWeight * largest + factor;
 
   // FLOPs per token and layer: forward 2 per weight plus attention (QKᵀ and PV on the full
   // square: 4·L·q), backward twice that (input and weight gradients); Hessians one

@@ -97,15 +97,29 @@ std::vector<LayerRange> partition_layers(const std::vector<std::uint64_t>& cost,
   constexpr std::uint64_t kInf = std::numeric_limits<std::uint64_t>::max();
   // best[r][i]: smallest possible maximum load placing layers [0, i) on ranks [0, r].
   std::vector<std::vector<std::uint64_t>> best(world, std::vector<std::uint64_t>(n + 1, kInf));
-  std::vector<std::vector<std::int64_t>> split(world, std::vector<std::int64_t>(n + 1, 0));
   for (std::int64_t i = 1; i <= n; ++i) best[0][i] = load(0, 0, i);
+  for (int r = 1; r < world; ++r)
+    for (std::int64_t i = r + 1; i <= n; ++i)
+      for (std::int64_t a = r; a < i; ++a)
+        if (best[r - 1][a] != kInf) best[r][i] = std::min(best[r][i], std::max(best[r - 1][a], load(r, a, i)));
+  const std::uint64_t limit = best[world - 1][n];
+  // Among the partitions whose every rank stays within that maximum, the most even one: the
+  // smallest sum of squared loads (so that ranks the maximum does not constrain, between a
+  // heavy first and last rank, share the layers evenly).
+  constexpr long double kNone = std::numeric_limits<long double>::infinity();
+  std::vector<std::vector<long double>> squares(world, std::vector<long double>(n + 1, kNone));
+  std::vector<std::vector<std::int64_t>> split(world, std::vector<std::int64_t>(n + 1, 0));
+  auto square = [](std::uint64_t v) { return static_cast<long double>(v) * static_cast<long double>(v); };
+  for (std::int64_t i = 1; i <= n; ++i)
+    if (load(0, 0, i) <= limit) squares[0][i] = square(load(0, 0, i));
   for (int r = 1; r < world; ++r) {
     for (std::int64_t i = r + 1; i <= n; ++i) {
       for (std::int64_t a = r; a < i; ++a) {
-        if (best[r - 1][a] == kInf) continue;
-        const std::uint64_t v = std::max(best[r - 1][a], load(r, a, i));
-        if (v < best[r][i]) {
-          best[r][i] = v;
+        const std::uint64_t l = load(r, a, i);
+        if (squares[r - 1][a] == kNone || l > limit) continue;
+        const long double v = squares[r - 1][a] + square(l);
+        if (v < squares[r][i]) {
+          squares[r][i] = v;
           split[r][i] = a;
         }
       }
