@@ -10,6 +10,7 @@
 #include "commands.h"
 #include "plan.h"
 #include "stages.h"
+#include "csaq/packer/checkpoint.h"
 #include "csaq/storage/error.h"
 #include "csaq/storage/files.h"
 
@@ -146,7 +147,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   }
   const std::vector<std::string> assumptions = {
       "layers compute on the CPU in this build: every tensor below is in the memory of the rank's process",
-      "compute dtype " + std::string(c10::toString(shape.compute)) + " (--dtype " + pa.dtype + "), statistics in float32",
+      "compute dtype " + std::string(dtype_name(shape.compute)) + " (--dtype " + pa.dtype + "), statistics in float32",
       "calibration runs all " + std::to_string(pa.samples) + " sequences; early stopping may end it after " +
           std::to_string(ProfilerOptions{}.min_sequences) + " or more",
       "the output holds every Linear at the target bits at most (the solver never exceeds it)",
@@ -158,7 +159,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   out["world_size"] = world;
   out["command"] = command;
   out["method"] = shape.method;
-  out["compute_dtype"] = c10::toString(shape.compute);
+  out["compute_dtype"] = dtype_name(shape.compute);
   out["device_memory_bytes"] = budget > 0 ? json(budget) : json(nullptr);
   out["fits"] = budget > 0 ? json(plan.peak() <= budget) : json(nullptr);
   out["smallest_world_size_that_fits"] = budget > 0 ? (smallest > 0 ? json(smallest) : json(nullptr)) : json(nullptr);
@@ -174,7 +175,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
               c.model_type.c_str(), out["model"].get<std::string>().c_str(), static_cast<long long>(c.num_layers),
               plan.decoder_weights / 1e9, plan.parameters / 1e9, world);
   std::printf("%s --method %s --salience %s, %s compute, %lld x %lld tokens per micro-batch, %lld in flight, %lld sequences\n\n",
-              command.c_str(), shape.method.c_str(), pa.salience.c_str(), c10::toString(shape.compute),
+              command.c_str(), shape.method.c_str(), pa.salience.c_str(), dtype_name(shape.compute),
               static_cast<long long>(shape.batch_size), static_cast<long long>(shape.seq_len),
               static_cast<long long>(shape.in_flight), static_cast<long long>(pa.samples));
   std::printf("%-5s %-9s %10s %12s %10s %10s %11s %10s %10s  %s\n", "rank", "layers", "weights", "accumulators",
