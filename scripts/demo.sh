@@ -2,7 +2,7 @@
 # Builds csaq, writes a small random Llama checkpoint with a byte-level tokenizer and some
 # generated text (demo/), quantizes it to 4.0 bits per weight calibrating on demo/calib.txt
 # with its layers sharded over 2 MPI ranks, and compares perplexity on demo/heldout.txt before
-# and after. No downloads.
+# and after; first, what csaq plan says the run will need. No downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmake -S . -B build -G Ninja
@@ -12,6 +12,8 @@ if [ "$(id -u)" -eq 0 ]; then  # Open MPI refuses root unless told
 fi
 csaq="mpirun -np 2 ./build/launcher/csaq"
 [ -f demo/config.json ] || ./build/launcher/csaq make-demo --out demo
+# What the run will need, per rank, before it starts (docs/planning.md).
+./build/launcher/csaq plan --model demo --samples 32 --seq-len 256 --target-bits 4.0 --world-size 2 | sed -n '1,7p'
 $csaq quantize --model demo --calib demo/calib.txt --samples 32 --seq-len 256 \
   --target-bits 4.0 --out demo/demo-csaq.h5 --report demo/quantize-report.json --overwrite
 $csaq eval --model demo --data demo/heldout.txt --seq-len 256

@@ -23,7 +23,7 @@ RunShape run_shape(const std::string& command, const std::string& method, const 
   RunShape r;
   r.command = command;
   r.method = command == "profile" ? "csaq" : method;
-  r.profiler = pa.options(r.gradients());
+  r.profiler = pa.options(r.gradients(), r.method);
   r.samples = pa.samples;
   r.seq_len = pa.seq_len;
   const PipelineOptions p = pa.pipeline_options(r.gradients(), world);
@@ -64,6 +64,14 @@ Rates rates_from_report(const std::string& path) {
   rates.solve = rate("solve_flops_slowest_rank", t.value("solve", 0.0));
   rates.pack = rate("pack_flops_slowest_rank", t.value("pack", 0.0));
   return rates;
+}
+
+std::string count_text(double n) {
+  char buf[32];
+  if (n >= 1e9) std::snprintf(buf, sizeof(buf), "%.1f B", n / 1e9);
+  else if (n >= 1e6) std::snprintf(buf, sizeof(buf), "%.1f M", n / 1e6);
+  else std::snprintf(buf, sizeof(buf), "%.0f", n);
+  return buf;
 }
 
 std::string duration(double s) {
@@ -171,9 +179,10 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
     return 0;
   }
   const auto& c = config;
-  std::printf("csaq plan: %s %s, %lld layers, %.3g B decoder Linear weights (%.3g B parameters) on %d rank(s)\n",
+  std::printf("csaq plan: %s %s, %lld layers, %s decoder Linear weights (%s parameters) on %d rank(s)\n",
               c.model_type.c_str(), out["model"].get<std::string>().c_str(), static_cast<long long>(c.num_layers),
-              plan.decoder_weights / 1e9, plan.parameters / 1e9, world);
+              count_text(static_cast<double>(plan.decoder_weights)).c_str(),
+              count_text(static_cast<double>(plan.parameters)).c_str(), world);
   std::printf("%s --method %s --salience %s, %s compute, %lld x %lld tokens per micro-batch, %lld in flight, %lld sequences\n\n",
               command.c_str(), shape.method.c_str(), pa.salience.c_str(), dtype_name(shape.compute),
               static_cast<long long>(shape.batch_size), static_cast<long long>(shape.seq_len),

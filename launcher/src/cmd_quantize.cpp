@@ -354,7 +354,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   set_threads(threads, comm);
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options(method, fa);
-  const ProfilerOptions popt = pa.options(gradients);
+  const ProfilerOptions popt = pa.options(gradients, method);
   if (!rtn) install_preemption_handlers();  // calibration can stop and resume; RTN simply restarts
   const ModelConfig config = model_config(model_dir, comm);
   check_target(config, sopt);

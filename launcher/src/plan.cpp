@@ -110,17 +110,18 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   plan.rounds = (plan.micro_batches + plan.round_size - 1) / plan.round_size;
 
   // Statistics per layer (Profiler): the per-weight accumulators kept, the per-row and
-  // per-column sums, the early-stopping sample, the co-activation counters (once calibration
-  // has seen a batch) and the four input Hessians (allocated for every method).
+  // per-column sums, the early-stopping sample, the co-activation counters (csaq, once
+  // calibration has seen a batch) and the four input Hessians (all but rtn).
   const ProfilerOptions& p = run.profiler;
   const int kept = (p.keep_grad_sum ? 1 : 0) + (p.keep_causal ? 1 : 0) + (p.keep_fisher ? 1 : 0);
   std::int64_t accumulators_per_layer = 0, coact_per_layer = 0, hessians_per_layer = 0;
   for (const auto& l : linears) {
     accumulators_per_layer += 4 * kept * l.weights() + 8 * (l.out + l.in) + 8 * p.sample_per_linear;
     const std::int64_t k = std::min(l.out, p.candidates);
-    if (run.calibrates()) coact_per_layer += 8 * k * k + 8 * k;
+    if (run.calibrates() && p.coactivation) coact_per_layer += 8 * k * k + 8 * k;
   }
-  for (std::int64_t in : inputs) hessians_per_layer += 4 * in * in;
+  if (p.hessians)
+    for (std::int64_t in : inputs) hessians_per_layer += 4 * in * in;
 
   // Activations of one micro-batch per layer on a rank: saved tensors plus the layer's output
   // (the next layer's input); with gradients off only one layer's worth at a time.

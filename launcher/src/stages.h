@@ -90,8 +90,9 @@ struct ProfileArgs {
     p.align = (ProfilerOptions{}.check_every + batch_size - 1) / batch_size;
     return p;
   }
-  // `gradients` false: forward passes only (GPTQ needs only the input Hessians).
-  ProfilerOptions options(bool gradients) const {
+  // `gradients` false: forward passes only (GPTQ needs only the input Hessians). `method`
+  // rtn needs no Hessians; the uniform methods (gptq, rtn) no co-activation counters.
+  ProfilerOptions options(bool gradients, const std::string& method = "csaq") const {
     if (samples < 1) throw UsageError{"--samples must be at least 1"};
     if (seq_len < 2) throw UsageError{"--seq-len must be at least 2 (a token and the next)"};
     if (batch_size < 1) throw UsageError{"--batch-size must be at least 1"};
@@ -108,6 +109,8 @@ struct ProfileArgs {
     p.early_stop = gradients && rho <= 1.0;
     p.keep_for(p.kind, gradients);
     if (keep_all && gradients) p.keep_grad_sum = p.keep_causal = p.keep_fisher = true;
+    p.hessians = method != "rtn";
+    p.coactivation = method == "csaq";
     return p;
   }
 };

@@ -112,7 +112,7 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
     }
     for (int k = 0; k < kNumInputs; ++k) {
       const std::int64_t in = layer.linears[kFirstReader[k]].weight.size(1);
-      hessian_.push_back(at::zeros({in, in}, at::kFloat));
+      hessian_.push_back(options_.hessians ? at::zeros({in, in}, at::kFloat) : at::Tensor());
       hessian_tokens_.push_back(0);
       hessian_upper_only_.push_back(0);
     }
@@ -125,12 +125,12 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       s.input_abs_sum += x.abs().sum(0, /*keepdim=*/false, at::kDouble);
       s.tokens += x.size(0);
     }
-    {
+    if (options_.coactivation) {
       ScopedPhase phase("coactivation");
       s.coact.observe(output);
     }
     const int k = input_of(linear);
-    if (kFirstReader[k] == linear) {
+    if (options_.hessians && kFirstReader[k] == linear) {
       ScopedPhase phase("hessian");
       const std::size_t h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + k);
       const at::Tensor xf = x.to(at::kFloat);
@@ -160,7 +160,7 @@ const Linear& Profiler::weights(std::int64_t layer, int linear) const {
 }
 
 const at::Tensor& Profiler::hessian(std::int64_t layer, int input) const {
-  CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs);
+  CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs && options_.hessians);
   const auto h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input);
   if (hessian_upper_only_[h]) {  // the lower triangle takes the accumulated upper one, in place
     float* m = hessian_[h].data_ptr<float>();

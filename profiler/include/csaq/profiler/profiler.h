@@ -69,6 +69,10 @@ struct ProfilerOptions {
   double rho = 0.98;
   std::int64_t sample_per_linear = 256;
   std::uint64_t seed = 1234;
+  // The input Hessians (GPTQ and the second-order cost models need them; round-to-nearest
+  // does not) and the co-activation counters (only the mixed-format solver's cliques use them).
+  bool hessians = true;
+  bool coactivation = true;
   // Per-weight accumulators to keep (4 bytes per weight each); see keep_for.
   bool keep_grad_sum = true;
   bool keep_causal = true;
