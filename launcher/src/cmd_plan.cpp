@@ -204,8 +204,12 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
     if (smallest > 0) std::printf("; the smallest world size that fits: %d", smallest);
     else std::printf("; no world size up to %lld fits", static_cast<long long>(c.num_layers));
   }
-  std::printf("\ndisk: calibration checkpoint %s each (two at most while one is written), output at most %s\n",
-              format_bytes(plan.checkpoint_bytes).c_str(), format_bytes(plan.output_bytes).c_str());
+  if (command == "quantize")
+    std::printf("\ndisk: calibration checkpoint %s each (two at most while one is written), output at most %s\n",
+                format_bytes(plan.checkpoint_bytes).c_str(), format_bytes(plan.output_bytes).c_str());
+  else
+    std::printf("\ndisk: the salience file %s (calibration checkpoints as large, two at most while one is written)\n",
+                format_bytes(plan.checkpoint_bytes).c_str());
   if (!times.is_null()) {
     std::printf("time (%s):", rate_from.empty() ? "--tflops" : ("rates of " + rate_from).c_str());
     for (const char* k : {"calibration_s", "solve_s", "pack_s"})

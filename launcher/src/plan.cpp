@@ -46,9 +46,8 @@ std::vector<std::int64_t> hessian_inputs(const ModelConfig& c) {
 constexpr std::int64_t kQuantizeBytesPerWeight = 20;
 
 // GPTQ's factor of an input's Hessian, per entry: the float32 factor kept and, while it is
-// computed, up to three float64 copies (32 bytes), which the allocator's leftovers make 60 on
-// the shapes measured (their blocks come from the heap; a large model's are mapped and freed);
-std::int64_t gptq_factor_bytes(std::int64_t in) { return in * in * 60; }
+// computed, up to three float64 copies (28 bytes counted, 44 measured);
+std::int64_t gptq_factor_bytes(std::int64_t in) { return in * in * 44; }
 
 // and the peak resident set of calibration exceeds the tensors counted here (the saved
 // activations, one layer's backward) by this factor: what glibc's allocator keeps between
@@ -202,10 +201,12 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
                                                   static_cast<double>(saved + 2 * boundary + (last ? b * len * vocab * (s + 4) : 0)));
       }
     }
-    m.solve_work = quantize_work + clique_work;
-    m.pack_work = quantize_work;
-    // The packed share: its Linears at the target (total bits never exceed it).
-    m.packed = static_cast<std::int64_t>(std::ceil(target * static_cast<double>(m.linear_weights) / 8.0));
+    if (run.command == "quantize") {
+      m.solve_work = quantize_work + clique_work;
+      m.pack_work = quantize_work;
+      // The packed share: its Linears at the target (total bits never exceed it).
+      m.packed = static_cast<std::int64_t>(std::ceil(target * static_cast<double>(m.linear_weights) / 8.0));
+    }
     const std::int64_t base = m.runtime + m.weights;
     m.stages.emplace_back("load", base + m.load_mapping);
     if (run.calibrates()) m.stages.emplace_back("calibration", base + statistics + m.activations + m.backward);
@@ -242,7 +243,8 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   for (const auto& m : plan.ranks) plan.checkpoint_bytes += m.accumulators + m.hessians + m.coactivation;
   const std::int64_t dense = (c.tie_word_embeddings ? 1 : 2) * embed + h +
                              c.num_layers * (layer_params - layer_linear);
-  plan.output_bytes = static_cast<std::int64_t>(std::ceil(target * static_cast<double>(plan.decoder_weights) / 8.0)) + dense * f;
+  if (run.command == "quantize")
+    plan.output_bytes = static_cast<std::int64_t>(std::ceil(target * static_cast<double>(plan.decoder_weights) / 8.0)) + dense * f;
   return plan;
 }
 
