@@ -2,8 +2,6 @@
 // the run alone: memory per rank and stage, files on disk, the smallest world size that fits,
 // projected time. No weights are read and no other rank is needed.
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -39,13 +37,13 @@ RunShape run_shape(const std::string& command, const std::string& method, const 
 
 namespace {
 
-// Seconds per stage at the rates of an earlier run's report: each stage's FLOPs (its critical
-// path for calibration) over its measured seconds.
+// FLOP/s per stage.
 struct Rates {
-  double calibration = 0, solve = 0, pack = 0;  // FLOP/s
-  std::string source;
+  double calibration = 0, solve = 0, pack = 0;
 };
 
+// The rates of an earlier run's report: each stage's FLOPs (its critical path for
+// calibration) over its measured seconds; 0 where the report has no time for a stage.
 Rates rates_from_report(const std::string& path) {
   json r;
   try {
@@ -58,7 +56,6 @@ Rates rates_from_report(const std::string& path) {
   const json& w = r["work"];
   const json& t = r["time_s"];
   Rates rates;
-  rates.source = path;
   auto rate = [&](const char* flops, double seconds) { return seconds > 0 ? w.value(flops, 0.0) / seconds : 0.0; };
   if (t.contains("calibration_pass")) rates.calibration = rate("calibration_critical_flops", t["calibration_pass"].value("seconds", 0.0));
   rates.solve = rate("solve_flops_slowest_rank", t.value("solve", 0.0));
@@ -129,8 +126,6 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   const ModelConfig config = model_dir.empty()
                                  ? ModelConfig::parse(storage::read_text_file(config_path), config_path)
                                  : model_config(model_dir, comm);
-  CSAQ_CHECK(world <= config.num_layers, "cannot split ", config.num_layers, " decoder layers across ", world,
-             " ranks: use between 1 and ", config.num_layers, " ranks");
   const RunShape shape = run_shape(command, method, pa, fa, sa, config, world);
   if (command == "quantize") check_target(config, shape.solver);
   const RunPlan plan = plan_run(config, world, shape);
@@ -140,17 +135,18 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
     for (int w = 1; w <= config.num_layers && smallest == 0; ++w)
       if (plan_run(config, w, run_shape(command, method, pa, fa, sa, config, w)).peak() <= budget) smallest = w;
 
-  Rates rates;
-  if (!rate_from.empty()) rates = rates_from_report(rate_from);
   json times = nullptr;
-  auto project = [&](double flops, double rate) { return rate > 0 ? json(flops / rate) : json(nullptr); };
   if (tflops > 0 || !rate_from.empty()) {
-    const double r = tflops * 1e12;
-    times = {{"calibration_s", project(plan.work.calibration_critical, rates.calibration > 0 ? rates.calibration : r)},
-             {"solve_s", command == "quantize" ? project(plan.work.solve_critical(), rates.solve > 0 ? rates.solve : r) : json(nullptr)},
-             {"pack_s", command == "quantize" ? project(plan.work.pack_critical(), rates.pack > 0 ? rates.pack : r) : json(nullptr)},
-             {"rates_flop_per_s", {{"calibration", rates.calibration > 0 ? rates.calibration : r},
-                                   {"solve", rates.solve > 0 ? rates.solve : r}, {"pack", rates.pack > 0 ? rates.pack : r}}},
+    // The report's rate for each stage it timed, --tflops for the others.
+    Rates rates = rate_from.empty() ? Rates{} : rates_from_report(rate_from);
+    for (double* r : {&rates.calibration, &rates.solve, &rates.pack})
+      if (!(*r > 0)) *r = tflops * 1e12;
+    auto project = [](double flops, double rate) { return rate > 0 ? json(flops / rate) : json(nullptr); };
+    const bool quantize = command == "quantize";
+    times = {{"calibration_s", project(plan.work.calibration_critical, rates.calibration)},
+             {"solve_s", quantize ? project(plan.work.solve_critical(), rates.solve) : json(nullptr)},
+             {"pack_s", quantize ? project(plan.work.pack_critical(), rates.pack) : json(nullptr)},
+             {"rates_flop_per_s", {{"calibration", rates.calibration}, {"solve", rates.solve}, {"pack", rates.pack}}},
              {"rates_from", rate_from.empty() ? json("--tflops") : json(rate_from)}};
   }
   const std::vector<std::string> assumptions = {

@@ -34,10 +34,13 @@ std::vector<LinearShape> shapes_of(const ModelConfig& c) {
   return v;
 }
 
-// The input of each of the four Hessians of a layer (q/k/v, o, gate/up, down).
+// The width of each of a layer's distinct Linear inputs (the Profiler keeps one Hessian each:
+// see input_of).
 std::vector<std::int64_t> hessian_inputs(const ModelConfig& c) {
   const auto s = shapes_of(c);
-  return {s[0].in, s[3].in, s[4].in, s[6].in};
+  std::vector<std::int64_t> in(kNumInputs, 0);
+  for (int i = 0; i < kNumLinears; ++i) in[static_cast<std::size_t>(input_of(i))] = s[static_cast<std::size_t>(i)].in;
+  return in;
 }
 
 // Fitted on measured runs (docs/planning.md), these three: a quantizer pass over one Linear
