@@ -70,6 +70,36 @@ TEST(Plan, PredictedPeakPerRankIsWithin20PercentOfTheMeasuredOneAndThePartitionI
   EXPECT_NEAR(plan["time"]["pack_s"].get<double>(), measured["time_s"]["pack"].get<double>(), 1e-6 * measured["time_s"]["pack"].get<double>());
 }
 
+TEST(Plan, RecomputeLowersTheCalibrationPeakAsPlanned) {
+  // Activations dominate calibration here (4 micro-batches of 2 x 512 tokens in flight):
+  // with --recompute each rank keeps its layers' inputs only.
+  TempDir dir;
+  Result r = run(csaq() + " make-demo --out " + (dir / "m") + kShapes[0].make + " --tokens 16384");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const std::string args = " --model " + (dir / "m") + " --calib " + (dir / "m/tokens.npy") +
+                           " --samples 8 --seq-len 512 --batch-size 2 --in-flight 4 --target-bits 4"
+                           " --bit-options 2,4,8 --group-options 32 --early-stop-rho 2 --threads 1";
+  double measured_peak[2] = {0, 0};
+  for (int recompute = 0; recompute <= 1; ++recompute) {
+    const std::string flags = args + (recompute ? " --recompute" : "");
+    const std::string report = dir / ("r" + std::to_string(recompute) + ".json");
+    r = run(mpirun(2) + " quantize" + flags + " --out " + (dir / "q.h5") + " --overwrite --report " + report, 300);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    r = run(csaq() + " plan" + flags + " --world-size 2 --json");
+    ASSERT_EQ(r.rc, 0) << r.output;
+    const json plan = json::parse(r.output), measured = read_json(report);
+    for (int k = 0; k < 2; ++k) {
+      const double predicted = plan["ranks"][k]["stages"]["calibration"].get<double>();
+      const double actual = measured["memory"]["peak_over_baseline_after"]["calibration"][k].get<double>();
+      std::printf("recompute %d, rank %d: calibration planned %.1f MB, measured %.1f MB (%+.0f%%)\n", recompute, k,
+                  predicted / 1e6, actual / 1e6, 100 * (predicted / actual - 1));
+      EXPECT_NEAR(predicted / actual, 1.0, 0.2) << "recompute " << recompute << ", rank " << k;
+      measured_peak[recompute] = std::max(measured_peak[recompute], actual);
+    }
+  }
+  EXPECT_LT(measured_peak[1], 0.8 * measured_peak[0]);
+}
+
 TEST(Plan, PartitionFitsAndSmallestWorldSizeAreConsistent) {
   TempDir dir;
   // A vocabulary large enough that the embedding outweighs layers: rank 0 and the last rank

@@ -28,6 +28,7 @@ RunShape run_shape(const std::string& command, const std::string& method, const 
   r.batch_size = p.micro_batch_size;
   r.in_flight = p.in_flight;
   r.align = p.align;
+  r.recompute = p.recompute;
   r.compute = compute_dtype(pa.dtype);
   r.stored = checkpoint_dtype(config);
   r.solver = command == "profile" ? SolverOptions{} : sa.options(r.method, fa);
@@ -107,7 +108,6 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   // quantize command line can be planned by changing its first word.
   std::string ignored;
   options.add_options()
-      ("keep-all-statistics", po::bool_switch(&pa.keep_all), "profile: keep every per-weight statistic")
       ("out", po::value(&ignored), "ignored")
       ("report", po::value(&ignored), "ignored")
       ("overwrite", "ignored")
@@ -155,7 +155,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
       "calibration runs all " + std::to_string(pa.samples) + " sequences; early stopping may end it after " +
           std::to_string(ProfilerOptions{}.min_sequences) + " or more",
       "the output holds every Linear at the target bits at most (the solver never exceeds it)",
-      "time: FLOPs (6 per decoder weight and token with gradients, attention on the full square, Hessians, the GPTQ and cost products per format) at one sustained rate per stage; elementwise work counted as 10 FLOPs per weight per clip step",
+      "time: FLOPs (6 per decoder weight and token with gradients, 8 with --recompute, attention on the full square, Hessians, the GPTQ and cost products per format) at one sustained rate per stage; elementwise work counted as 10 FLOPs per weight per clip step",
       "pipeline: rounds of " + std::to_string(plan.round_size) + " micro-batches take round + ranks - 1 steps of the slowest rank"};
 
   json out = plan_json(plan);

@@ -181,7 +181,7 @@ json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, 
           ? start.totals
           : pipeline.calibrate(data, profiler.gradient_callback(), &profiler.observer(), {},
                                progress.callback(),
-                               checkpoints->round_callback(profiler), start);
+                               checkpoints->round_callback(profiler), start, &profiler.replay_observer());
   const double pass_s = seconds_since(t_pass);
   const json phases = phases_json(comm, pass_s);
   const std::int64_t pass_tokens = (totals.sequences - start.totals.sequences) * a.seq_len;
@@ -209,7 +209,9 @@ json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, 
                {"calibration_pass", {{"tokens", pass_tokens}, {"seconds", pass_s},
                                      {"tokens_per_s", pass_s > 0 ? static_cast<double>(pass_tokens) / pass_s : 0.0},
                                      {"phases", phases}}}};
-  if (gradients)
+  // Needs the per-weight causal salience, kept only for --salience causal or hessian or with
+  // --keep-all-statistics (4 bytes per weight).
+  if (gradients && profiler.has_statistics_for(SalienceKind::kCausal))
     part["agreement_top5"] = top_fraction_agreement(profiler, SalienceKind::kCausal, SalienceKind::kActivation, 0.05, comm);
   if (profiler.options().kind == SalienceKind::kPqi) {
     checkpoints->stop_if_preempted(profiler);
@@ -399,7 +401,6 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   pa.add(options);
   fa.add(options);  // the formats the post-quantization integral (--salience pqi) is computed for
   options.add_options()
-      ("keep-all-statistics", po::bool_switch(&pa.keep_all), "keep every per-weight statistic (4 bytes per weight each), not only those of --salience, so that solve and check-costs can use any cost model")
       ("out", po::value(&out)->required(), "salience file to write (HDF5)")
       ("report", po::value(&report_path), "also write the JSON report here")
       ("overwrite", "replace existing --out / --report")

@@ -48,9 +48,10 @@ std::vector<std::int64_t> hessian_inputs(const ModelConfig& c) {
 // int64 codes and float32 values, ΔW and the cost model's products, not all at once);
 constexpr std::int64_t kQuantizeBytesPerWeight = 20;
 
-// GPTQ's factor of an input's Hessian, per entry: the float32 factor kept and, while it is
-// computed, up to three float64 copies (28 bytes counted, 44 measured);
-std::int64_t gptq_factor_bytes(std::int64_t in) { return in * in * 44; }
+// GPTQ's factor of an input's Hessian, per entry: while it is computed, at most two float64
+// copies (16 bytes; a model whose down_proj input is 6144 wide measured 15.7 on 1 and 2
+// threads, docs/planning.md);
+std::int64_t gptq_factor_bytes(std::int64_t in) { return in * in * 16; }
 
 // and the peak resident set of calibration exceeds the tensors counted here (the saved
 // activations, one layer's backward) by this factor: what glibc's allocator keeps between
@@ -140,6 +141,7 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
 
   // Quantizer work per Linear: the largest Linear's temporaries and the largest factor.
   const bool gptq = run.solver.quantizer.gptq && run.calibrates();
+  const bool uniform = run.solver.kind == SolverKind::kUniform;
   std::int64_t factor = 0;
   if (gptq)
     for (std::int64_t in : inputs) factor = std::max(factor, gptq_factor_bytes(in));
@@ -155,7 +157,8 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   const double fwd_layer = 2.0 * static_cast<double>(layer_linear) + 4.0 * static_cast<double>(len) * q_dim;
   double hessian_layer = 0;
   for (std::int64_t in : inputs) hessian_layer += static_cast<double>(in) * static_cast<double>(in + 1);
-  const double calib_layer = (run.gradients() ? 3.0 : 1.0) * fwd_layer + hessian_layer;
+  // (recompute: one forward pass more).
+  const double calib_layer = (run.gradients() ? (run.recompute ? 4.0 : 3.0) : 1.0) * fwd_layer + hessian_layer;
   const double head_token = (run.gradients() ? 4.0 : 2.0) * static_cast<double>(vocab) * static_cast<double>(h);
   // Solve: every format of every Linear is quantized (GPTQ: 2·out·in² and the factor of each
   // input, 2·in³; clip search) and costed (the second-order term: 2·out·in²).
@@ -166,12 +169,12 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   for (const auto& l : linears) {
     const double w = static_cast<double>(l.weights()), in = static_cast<double>(l.in);
     const double quantize = (gptq ? 2.0 * w * in : 0.0) + (run.solver.quantizer.clip_steps + 1) * kClipFlopsPerWeight * w;
-    solve_layer += formats * (quantize + (run.gradients() && second_order ? 2.0 * w * in : 0.0));
+    if (!uniform) solve_layer += formats * (quantize + (run.gradients() && second_order ? 2.0 * w * in : 0.0));
     pack_layer += quantize;
   }
   if (gptq)
     for (std::int64_t in : inputs) {
-      solve_layer += 2.0 * std::pow(static_cast<double>(in), 3);
+      if (!uniform) solve_layer += 2.0 * std::pow(static_cast<double>(in), 3);
       pack_layer += 2.0 * std::pow(static_cast<double>(in), 3);
     }
   const double target = run.solver.target_bits;
@@ -195,17 +198,22 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
     const std::int64_t statistics = m.accumulators + m.hessians + m.coactivation;
     if (run.calibrates()) {
       if (run.gradients()) {
-        const std::int64_t per_micro_batch = nl * (saved + boundary) + boundary + (last ? head_saved : 0);
+        // With recompute a micro-batch keeps its layers' inputs only, and one layer's saved
+        // tensors exist at a time, inside the backward pass.
+        const std::int64_t per_micro_batch =
+            nl * ((run.recompute ? 0 : saved) + boundary) + boundary + (last ? head_saved : 0);
         m.activations = static_cast<std::int64_t>(kTransientOverhead * static_cast<double>(run.in_flight * per_micro_batch));
         m.backward = static_cast<std::int64_t>(
-            kTransientOverhead * static_cast<double>(std::max(layer_params * s + backward_temporaries, last ? head_backward : std::int64_t{0})));
+            kTransientOverhead * static_cast<double>(std::max((run.recompute ? saved : 0) + layer_params * s + backward_temporaries,
+                                                              last ? head_backward : std::int64_t{0})));
       } else {  // forward passes only: one layer's tensors at a time, then the next
         m.activations = static_cast<std::int64_t>(kTransientOverhead *
                                                   static_cast<double>(saved + 2 * boundary + (last ? b * len * vocab * (s + 4) : 0)));
       }
     }
     if (run.command == "quantize") {
-      m.solve_work = quantize_work + clique_work;
+      // The uniform methods' solve quantizes nothing: it picks the widest format that fits.
+      m.solve_work = uniform ? 0 : quantize_work + clique_work;
       m.pack_work = quantize_work;
       // The packed share: its Linears at the target (total bits never exceed it).
       m.packed = static_cast<std::int64_t>(std::ceil(target * static_cast<double>(m.linear_weights) / 8.0));

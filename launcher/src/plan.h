@@ -23,6 +23,7 @@ struct RunShape {
   std::string method = "csaq";       // csaq | gptq | rtn
   ProfilerOptions profiler;          // after keep_for: the accumulators the run keeps
   std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 1, align = 0;
+  bool recompute = false;               // activation checkpointing per layer (--recompute)
   at::ScalarType compute = at::kFloat;  // weights and activations
   at::ScalarType stored = at::kFloat;   // the checkpoint's dtype (safetensors, dense output)
   SolverOptions solver;

@@ -51,6 +51,7 @@ struct ProfileArgs {
   std::uint64_t seed = 0;
   double rho = 0.98;
   bool keep_all = false;  // every per-weight accumulator, whatever the cost model
+  bool recompute = false;  // activation checkpointing per layer
 
   void add(po::options_description& o) {
     o.add_options()
@@ -67,6 +68,8 @@ struct ProfileArgs {
         ("early-stop-rho", po::value(&rho)->default_value(rho), "stop calibrating once the tracked statistic's Spearman rho reaches this (> 1: never)")
         ("batch-size", po::value(&batch_size)->default_value(batch_size), "sequences per micro-batch")
         ("in-flight", po::value(&in_flight)->default_value(in_flight), "micro-batches in flight in the pipeline (0: 1 on one rank, else 4); does not change the result")
+        ("keep-all-statistics", po::bool_switch(&keep_all), "keep every per-weight statistic (4 bytes per weight each), not only those of --salience: solve and check-costs can then use any cost model, and reports give agreement_top5")
+        ("recompute", po::bool_switch(&recompute), "keep only each layer's input between forward and backward and run the layer's forward again in the backward pass: far less memory for activations, one more forward pass of compute; does not change the result")
         ("checkpoint-dir", po::value(&checkpoint_dir), "calibration checkpoints (default: <out>.calib)")
         ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "micro-batches between calibration checkpoints (0: only on SIGUSR1/SIGTERM)")
         ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must")
@@ -88,6 +91,7 @@ struct ProfileArgs {
   PipelineOptions pipeline_options(bool gradients, int world) const {
     PipelineOptions p{batch_size, in_flight > 0 ? in_flight : (world == 1 ? 1 : 4), gradients};
     p.align = (ProfilerOptions{}.check_every + batch_size - 1) / batch_size;
+    p.recompute = recompute;
     return p;
   }
   // `gradients` false: forward passes only (GPTQ needs only the input Hessians). `method`

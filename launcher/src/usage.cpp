@@ -20,7 +20,7 @@ std::int64_t g_baseline_rss = 0;
 std::vector<std::pair<std::string, std::int64_t>> g_stage_peaks;
 
 // Every phase a run can report, in report order.
-constexpr std::array<const char*, 10> kPhases{"forward", "backward", "salience_fold", "output_gradient_energy",
+constexpr std::array<const char*, 11> kPhases{"forward", "backward", "recompute", "salience_fold", "output_gradient_energy",
                                               "coactivation", "hessian", "input_statistics", "communication",
                                               "early_stop", "checkpoint"};
 

@@ -48,7 +48,7 @@ bool is_per_weight(SalienceKind kind) {
 
 void ProfilerOptions::keep_for(SalienceKind cost, bool gradients) {
   keep_grad_sum = gradients && (cost == SalienceKind::kTaylor || cost == SalienceKind::kPqi);
-  keep_causal = gradients;
+  keep_causal = gradients && (cost == SalienceKind::kCausal || cost == SalienceKind::kHessian);
   keep_fisher = gradients && cost == SalienceKind::kFisher;
 }
 
@@ -102,7 +102,7 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       const std::int64_t out = w.size(0), in = w.size(1);
       stats_.push_back(LinearStats{layer.index, i, zeros_if(options_.keep_grad_sum, out, in),
                                    zeros_if(options_.keep_causal, out, in), zeros_if(options_.keep_fisher, out, in),
-                                   at::zeros({out}, at::kDouble),
+                                   at::zeros({out}, at::kDouble), at::zeros({out}, at::kDouble),
                                    at::zeros({in}, at::kDouble), at::Tensor(), 0, 0,
                                    CoActivation(out, options_.candidates, options_.fire_fraction)});
       // The same weights are sampled for a Linear whatever rank holds it.
@@ -137,14 +137,17 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       if (add_gram(hessian_[h], xf)) hessian_upper_only_[h] = 1;
       hessian_tokens_[h] += x.size(0);
     }
-    // The output gradient of this micro-batch's loss, when the backward pass reaches it.
-    if (output.requires_grad()) {
-      at::Tensor* energy = &s.out_grad_sq;
-      output.register_hook([energy](const at::Tensor& g) {
-        ScopedPhase phase("output_gradient_energy");
-        energy->add_(g.detach().reshape({-1, g.size(-1)}).to(at::kDouble).square().sum(0));
-      });
-    }
+    replay_observer_(layer, linear, input, output);
+  };
+  // The output gradient of this micro-batch's loss, when the backward pass reaches it (the
+  // pipeline's replay, with recompute, sees only this part).
+  replay_observer_ = [this](std::int64_t layer, int linear, const at::Tensor&, const at::Tensor& output) {
+    if (!output.requires_grad()) return;
+    at::Tensor* energy = &stats_[index(layer, linear)].out_grad_sq;
+    output.register_hook([energy](const at::Tensor& g) {
+      ScopedPhase phase("output_gradient_energy");
+      energy->add_(g.detach().reshape({-1, g.size(-1)}).to(at::kDouble).square().sum(0));
+    });
   };
 }
 
@@ -185,7 +188,9 @@ GradientCallback Profiler::gradient_callback() {
       const at::Tensor grad = g.weight_grads[i].to(at::kFloat);
       const at::Tensor w = g.layer->linears[i].weight.detach().to(at::kFloat);
       if (s.grad_sum.defined()) s.grad_sum.add_(grad);
-      if (s.causal.defined()) s.causal.add_((grad * w).abs_());
+      const at::Tensor causal = (grad * w).abs_();
+      s.causal_rows += causal.sum(1, /*keepdim=*/false, at::kDouble);
+      if (s.causal.defined()) s.causal.add_(causal);
       if (s.fisher.defined()) s.fisher.addcmul_(grad, grad);
       ++s.micro_batches;
     }
@@ -317,8 +322,12 @@ at::Tensor Profiler::row_cost(std::int64_t layer, int linear, SalienceKind kind,
 }
 
 at::Tensor Profiler::row_leaders(std::int64_t layer, int linear, double clique_threshold) const {
-  const SalienceKind rank_by = is_per_weight(options_.kind) ? options_.kind : SalienceKind::kCausal;
-  return find_cliques(stats(layer, linear).coact, salience(layer, linear, rank_by).sum(1), clique_threshold);
+  // Leaders by the row sums of the causal salience (accumulated as such, so that they need no
+  // per-weight causal accumulator), or of the per-weight salience the cost model is.
+  const SalienceKind kind = options_.kind;
+  const LinearStats& s = stats(layer, linear);
+  if (!is_per_weight(kind) || kind == SalienceKind::kCausal) return find_cliques(s.coact, s.causal_rows, clique_threshold);
+  return find_cliques(s.coact, salience(layer, linear, kind).sum(1), clique_threshold);
 }
 
 at::Tensor Profiler::global_sample() const {
@@ -403,6 +412,7 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
                                        {"fisher", options_.keep_fisher}})
         if (keep) f.create_dataset(g + name, at::kFloat, {out, in});
       f.create_dataset(g + "out_grad_sq", at::kDouble, {out});
+      f.create_dataset(g + "causal_rows", at::kDouble, {out});
       f.create_dataset(g + "input_abs_sum", at::kDouble, {in});
       f.create_dataset(g + "counters", at::kLong, {4});  // tokens, micro_batches, coact tokens, coact started
       f.create_dataset(g + "candidates", at::kLong, {k});
@@ -422,6 +432,7 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
     if (st.causal.defined()) f.write(g + "causal", st.causal);
     if (st.fisher.defined()) f.write(g + "fisher", st.fisher);
     f.write(g + "out_grad_sq", st.out_grad_sq);
+    f.write(g + "causal_rows", st.causal_rows);
     f.write(g + "input_abs_sum", st.input_abs_sum);
     f.write(g + "counters", at::tensor({st.tokens, st.micro_batches, st.coact.tokens(),
                                         static_cast<std::int64_t>(st.coact.started())}, at::kLong));
@@ -456,6 +467,9 @@ void Profiler::load(const storage::H5File& f) {
     st.causal = f.exists(g + "causal") ? f.read(g + "causal") : at::Tensor();
     st.fisher = f.exists(g + "fisher") ? f.read(g + "fisher") : at::Tensor();
     st.out_grad_sq = f.read(g + "out_grad_sq");
+    st.causal_rows = f.exists(g + "causal_rows") ? f.read(g + "causal_rows")
+                     : st.causal.defined()        ? st.causal.sum(1, /*keepdim=*/false, at::kDouble)
+                                                  : at::zeros_like(st.out_grad_sq);
     st.input_abs_sum = f.read(g + "input_abs_sum");
     const at::Tensor counters = f.read(g + "counters");
     st.tokens = counters[0].item<std::int64_t>();

@@ -26,6 +26,7 @@ struct InFlight {
   at::Tensor ids;
   std::vector<at::Tensor> inputs;   // per local layer: its input (a leaf, or the embedding)
   std::vector<at::Tensor> outputs;  // per local layer: its output, holding the layer's graph
+                                    // (none with recompute: made again in the backward pass)
   at::Tensor head_input;            // last rank
   at::Tensor loss;                  // last rank: mean next-token loss of the micro-batch
 };
@@ -106,8 +107,10 @@ LossTotals Pipeline::evaluate(const TokenSequences& data, const LogitsCallback& 
 LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                                const LinearObserver* observer, const LogitsCallback& on_logits,
                                const ProgressCallback& on_progress, const RoundCallback& after_round,
-                               const ResumePoint& resume) {
-  at::AutoGradMode grad_mode(options_.backward);
+                               const ResumePoint& resume, const LinearObserver* replay) {
+  // With recompute the forward pass builds no graph; the backward pass builds one layer's.
+  const bool recompute = options_.backward && options_.recompute;
+  at::AutoGradMode grad_mode(options_.backward && !recompute);
   const std::int64_t len = data.seq_len(), total = micro_batches(data);
   const PositionTables pos = position_tables(model_.config(), len, model_.dtype());
   const std::size_t layers = model_.decoder().size();
@@ -133,15 +136,17 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       if (model_.is_first()) {
         x = model_.embed(f.ids);  // no gradient flows into the embedding
       } else {
-        x = receive_hidden(count, len, m).requires_grad_(options_.backward);
+        x = receive_hidden(count, len, m).requires_grad_(options_.backward && !recompute);
       }
+      if (recompute) f.outputs.resize(layers);
       for (std::size_t i = 0; i < layers; ++i) {
-        if (i > 0) x = x.detach().requires_grad_(options_.backward);
+        if (i > 0) x = x.detach().requires_grad_(options_.backward && !recompute);
         if (options_.backward) f.inputs.push_back(x);
         x = model_.layer_forward(i, x, pos, observer);
-        if (options_.backward) f.outputs.push_back(x);
+        if (options_.backward && !recompute) f.outputs.push_back(x);
       }
       if (model_.is_last()) {
+        at::AutoGradMode head_grad(options_.backward);
         f.head_input = x.detach().requires_grad_(options_.backward);
         const at::Tensor logits = model_.head(f.head_input);
         const std::int64_t predicted = count * (len - 1);
@@ -184,9 +189,17 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
       }
       for (std::size_t i = layers; i-- > 0;) {
         const DecoderLayer& layer = model_.decoder()[i];
+        // The input of the rank's first layer needs no gradient on the first rank (the
+        // embedding's output).
+        const bool input_grad = i > 0 || !model_.is_first();
+        if (recompute) {
+          at::AutoGradMode replay_grad(true);
+          ScopedPhase again("recompute");
+          f.inputs[i] = f.inputs[i].detach().requires_grad_(input_grad);
+          f.outputs[i] = model_.layer_forward(i, f.inputs[i], pos, replay);
+        }
         std::vector<at::Tensor> wrt;
         for (const auto& lin : layer.linears) wrt.push_back(lin.weight);
-        const bool input_grad = f.inputs[i].requires_grad();
         if (input_grad) wrt.push_back(f.inputs[i]);
         std::vector<at::Tensor> grads = torch::autograd::grad({f.outputs[i]}, wrt, {grad});
         f.outputs[i] = at::Tensor();

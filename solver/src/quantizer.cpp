@@ -137,23 +137,28 @@ at::Tensor dequantize(const at::Tensor& codes, const RowSpec& spec) {
 
 GptqFactor gptq_factor(const at::Tensor& hessian, const QuantizerOptions& opt) {
   // float64 copies of [in, in] are the largest transients of the solve and pack stages (for
-  // a 70B's down_proj input, 6.6 GB each): at most three are alive at once here.
-  at::Tensor h = hessian.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
-  CSAQ_CHECK(at::isfinite(h).all().item<bool>(), "input Hessian is not finite");
-  const std::int64_t n = h.size(0);
+  // a 70B's down_proj input, 6.6 GB each): at most two are alive at once here. The
+  // permutation is applied in float32 (exact, as is the conversion), and a failed attempt
+  // starts again from `hessian` rather than keeping an undamped copy.
+  CSAQ_CHECK(at::isfinite(hessian).all().item<bool>(), "input Hessian is not finite");
+  const std::int64_t n = hessian.size(0);
   // A column whose input was always 0 carries no information: give it a unit diagonal.
-  at::Tensor diag = h.diagonal();
-  diag.masked_fill_(diag <= 0, 1.0);
+  const at::Tensor diag = hessian.diagonal().to(at::kDouble).masked_fill(hessian.diagonal() <= 0, 1.0);
   GptqFactor f;
   f.perm = opt.act_order ? std::get<1>(at::sort(diag, /*stable=*/true, 0, /*descending=*/true)) : at::arange(n, at::kLong);
-  diag = at::Tensor();
-  h = h.index_select(0, f.perm);
-  h = h.index_select(1, f.perm);
-  double damp = opt.damp * h.diagonal().mean().item<double>();
+  const at::Tensor permuted_diag = diag.index_select(0, f.perm);
+  auto permuted = [&] {
+    at::Tensor h = hessian.index_select(0, f.perm);
+    h = h.index_select(1, f.perm).to(at::kDouble);
+    h.diagonal().copy_(permuted_diag);
+    return h;
+  };
+  double damp = -1;  // opt.damp x the mean diagonal, as the matrix's diagonal view sums it
   for (int attempt = 0;; ++attempt, damp *= 10) {
     at::Tensor lower, info;
     {
-      at::Tensor damped = h.clone();
+      at::Tensor damped = permuted();
+      if (damp < 0) damp = opt.damp * damped.diagonal().mean().item<double>();
       damped.diagonal().add_(damp);
       std::tie(lower, info) = at::linalg_cholesky_ex(damped, /*upper=*/false, /*check_errors=*/false);
     }

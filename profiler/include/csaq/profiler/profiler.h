@@ -7,6 +7,8 @@
 //   causal       Σ_m |dL_m/dW ⊙ W|            [out, in] float32    else undefined: see
 //   fisher       Σ_m (dL_m/dW)²               [out, in] float32    ProfilerOptions::keep_for)
 //   out_grad_sq  Σ_m Σ_t (dL_m/dy_t)²         [out] float64 (output-gradient energy)
+//   causal_rows  Σ_m Σ_in |dL_m/dW ⊙ W|       [out] float64 (the causal salience of each row:
+//                                                           clique leaders)
 //   input_abs_sum Σ_t |x_t|                   [in] float64
 // and per distinct Linear input of a layer (q/k/v, o, gate/up, down) H = Σ_t x_t x_tᵀ,
 // [in, in] float32 (GPTQ's Hessian), plus a CoActivation tracker per Linear. Statistics live
@@ -78,8 +80,8 @@ struct ProfilerOptions {
   bool keep_causal = true;
   bool keep_fisher = true;
   // Keeps only what cost model `kind` needs: grad_sum for taylor and pqi (the mean gradient
-  // and their early stopping), fisher for fisher, causal whenever gradients are computed
-  // (clique leaders, early stopping of the other kinds, agreement_top5).
+  // and their early stopping), fisher for fisher, causal for causal and hessian (hessian's
+  // early stopping). Clique leaders need only the causal row sums, always kept.
   void keep_for(SalienceKind cost, bool gradients);
 };
 
@@ -96,6 +98,7 @@ struct LinearStats {
   at::Tensor causal;          // [out, in] float32
   at::Tensor fisher;          // [out, in] float32
   at::Tensor out_grad_sq;     // [out] float64
+  at::Tensor causal_rows;     // [out] float64: Σ_m Σ_in |dL_m/dW ⊙ W|, the causal salience of each row
   at::Tensor input_abs_sum;   // [in] float64
   at::Tensor pqi;             // [formats, out] float64 once add_pqi has run; else undefined
   std::int64_t tokens = 0;    // tokens seen by the observer
@@ -110,6 +113,8 @@ class Profiler {
   const ProfilerOptions& options() const { return options_; }
   GradientCallback gradient_callback();
   const LinearObserver& observer() const { return observer_; }
+  // The pipeline's replay observer (PipelineOptions::recompute): output gradients only.
+  const LinearObserver& replay_observer() const { return replay_observer_; }
   // The pipeline's round callback: early stopping, decided identically on every rank.
   RoundCallback round_callback();
 
@@ -175,6 +180,7 @@ class Profiler {
   mutable std::vector<char> hessian_upper_only_;
   std::vector<std::int64_t> hessian_tokens_;
   LinearObserver observer_;
+  LinearObserver replay_observer_;
   at::Tensor previous_sample_;
   std::int64_t last_check_ = 0;
   std::vector<EarlyStopCheck> checks_;

@@ -9,6 +9,10 @@
 // Deterministic: the same data and micro_batch_size give identical results for every world
 // size and every in_flight (callbacks see micro-batches in ascending order; the round
 // callback runs at the end of every round, and rounds always end at multiples of `align`).
+// With `recompute`, a micro-batch keeps only each layer's input between its forward and
+// backward pass, and each layer's forward runs again inside the backward pass (activation
+// checkpointing): the saved activations of one layer at a time instead of all layers' of all
+// micro-batches in flight, for one more forward pass of compute. Results are identical.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +33,7 @@ struct PipelineOptions {
   std::int64_t in_flight = 4;         // micro-batches forwarded before their backward passes
   bool backward = true;               // false: calibrate runs forward passes only (no gradients)
   std::int64_t align = 0;             // > 0: no round crosses a multiple of this many micro-batches
+  bool recompute = false;             // keep layer inputs only; re-run each layer's forward in backward
 };
 
 struct LossTotals {
@@ -82,16 +87,20 @@ class Pipeline {
                       const ProgressCallback& on_progress = {});
 
   // Forward and backward of every micro-batch from `resume` on; `on_grads` sees each layer's
-  // weight gradients, `observer` (if any) every Linear's input and output (detach before
-  // keeping). With options.backward false, forward passes only: on_grads is never called and
-  // the observer's tensors carry no graph. Returns the totals of all micro-batches, those
-  // before `resume` included, summed in the same order as an uninterrupted run.
+  // weight gradients, `observer` (if any) every Linear's input and output once per
+  // micro-batch (detach before keeping). With options.backward false, forward passes only:
+  // on_grads is never called and the observer's tensors carry no graph. With
+  // options.recompute, the observer's outputs carry no graph either; `replay` (if any) sees
+  // every Linear of the forward pass re-run in the backward pass, whose outputs do (to hook
+  // their gradients). Returns the totals of all micro-batches, those before `resume`
+  // included, summed in the same order as an uninterrupted run.
   LossTotals calibrate(const TokenSequences& data, const GradientCallback& on_grads,
                        const LinearObserver* observer = nullptr,
                        const LogitsCallback& on_logits = {},
                        const ProgressCallback& on_progress = {},
                        const RoundCallback& after_round = {},
-                       const ResumePoint& resume = {});
+                       const ResumePoint& resume = {},
+                       const LinearObserver* replay = nullptr);
 
  private:
   at::Tensor receive_hidden(std::int64_t batch, std::int64_t seq_len, std::int64_t micro_batch);
