@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 csaq=build/launcher/csaq
+extra=("$@")
 gib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1073741824 }'; }
 echo "| model | ranks | largest rank: weights | accumulators | Hessians | activations | peak (stage) | fits 80 GB | fits 141 GB | smallest world size for 80 GB / 141 GB | checkpoint | output |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -12,9 +13,9 @@ for spec in "llama-3-8b 1 2 8" "llama-3-70b 8 16 32"; do
   set -- $spec
   model=$1; shift
   for n in "$@"; do
-    j80=$($csaq plan --config docs/configs/$model.json --world-size "$n" --device-memory 80GB --json 2>/dev/null || true)
-    [ -n "$j80" ] || j80=$($csaq plan --config docs/configs/$model.json --world-size "$n" --device-memory 80GB --json)
-    j141=$($csaq plan --config docs/configs/$model.json --world-size "$n" --device-memory 141GB --json)
+    j80=$($csaq plan --config docs/configs/$model.json --world-size "$n" --device-memory 80GB "${extra[@]}" --json 2>/dev/null || true)
+    [ -n "$j80" ] || j80=$($csaq plan --config docs/configs/$model.json --world-size "$n" --device-memory 80GB "${extra[@]}" --json)
+    j141=$($csaq plan --config docs/configs/$model.json --world-size "$n" --device-memory 141GB "${extra[@]}" --json)
     top=$(jq '[.ranks[] | .peak_bytes] | index(max)' <<<"$j80")
     r=".ranks[$top].bytes"
     echo "| $model | $n | $(gib "$(jq "$r.weights" <<<"$j80")") GiB | $(gib "$(jq "$r.accumulators" <<<"$j80")") GiB |" \

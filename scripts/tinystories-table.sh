@@ -29,7 +29,7 @@ for target in 4.2 4.0 3.0 2.5; do
       rtn) flags="--method rtn" ;;
       gptq) flags="--method gptq --calib $calib --seq-len 512" ;;
       activation) flags="--salience activation --calib $calib --seq-len 512" ;;
-      csaq) flags="--calib $calib --seq-len 512" ;;
+      csaq) flags="--calib $calib --seq-len 512 --keep-all-statistics" ;;  # (for agreement_top5; same result)
     esac
     if ! $run quantize --model "$model" --target-bits $target $flags \
         --out "$out/$variant-$target.h5" --report "$out/$variant-$target.json" >"$out/log" 2>&1; then

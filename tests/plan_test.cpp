@@ -129,6 +129,19 @@ TEST(Plan, PartitionFitsAndSmallestWorldSizeAreConsistent) {
   const int smallest = p["smallest_world_size_that_fits"];
   EXPECT_GT(smallest, 1);
   EXPECT_LE(smallest, 4);
+  // What --recompute and bfloat16 would save: the plans of those options, and lower peaks.
+  const json lower = p["with_memory_options"];
+  ASSERT_EQ(lower.size(), 3u) << p.dump();
+  for (const auto& l : lower) {
+    SCOPED_TRACE(l.dump());
+    r = run(base + " --world-size 1 --device-memory " + budget + " " + l["options"].get<std::string>());
+    ASSERT_EQ(r.rc, 0) << r.output;
+    const json with = json::parse(r.output);
+    EXPECT_EQ(l["peak_bytes"], with["peak_bytes"]);
+    EXPECT_EQ(l["smallest_world_size_that_fits"], with["smallest_world_size_that_fits"]);
+    EXPECT_LT(l["peak_bytes"].get<double>(), p["peak_bytes"].get<double>());
+  }
+  EXPECT_LT(lower[2]["peak_bytes"].get<double>(), lower[0]["peak_bytes"].get<double>());
   r = run(base + " --world-size " + std::to_string(smallest) + " --device-memory " + budget);
   EXPECT_EQ(json::parse(r.output)["fits"], true);
   r = run(base + " --world-size " + std::to_string(smallest - 1) + " --device-memory " + budget);

@@ -52,7 +52,7 @@ QuantizeRun quantize(const ModelShard& model, Communicator& comm) {
   for (const DecoderLayer& layer : model.decoder())
     for (int i = 0; i < kNumLinears; ++i)
       inputs.push_back({layer.index, i, layer.linears[i].weight.detach(), p->row_leaders(layer.index, i, 0.5),
-                        p->linear_hessian(layer.index, i),
+                        [p, l = layer.index, i] { return p->linear_hessian(l, i); },
                         [p, l = layer.index, i](const at::Tensor& d, std::size_t f) {
                           return p->row_cost(l, i, SalienceKind::kTaylor, d, f);
                         }});

@@ -283,6 +283,28 @@ void expect_counts_equal_brute_force(const std::vector<at::Tensor>& batches, std
   EXPECT_EQ(tracker.tokens(), token);
 }
 
+TEST(GramMatrix, OneTriangleInBlocksGivesTheWholeSymmetricProductInHalfTheMemory) {
+  at::manual_seed(3);
+  for (const std::int64_t n : {std::int64_t{1}, kGramBlock, kGramBlock + 88, 3 * kGramBlock}) {
+    GramMatrix g(n);
+    at::Tensor reference = at::zeros({n, n}, at::kDouble);
+    for (int batch = 0; batch < 3; ++batch) {
+      const at::Tensor x = at::randn({50 + batch, n});
+      g.add(x);
+      reference += at::matmul(x.t().to(at::kDouble), x.to(at::kDouble));
+    }
+    const at::Tensor full = g.full();
+    EXPECT_TRUE(at::equal(full, full.t())) << n;  // exactly symmetric
+    EXPECT_LT(test::rel_error(full.to(at::kDouble), reference), 1e-6) << n;
+    GramMatrix copy(n);
+    copy.assign(full);
+    EXPECT_TRUE(at::equal(copy.full(), full)) << n;
+  }
+  // Three row blocks of B rows keep 3B, 2B and B columns: 6B² floats of the 9B² whole.
+  EXPECT_EQ(GramMatrix::bytes_for(3 * kGramBlock), 4 * 6 * kGramBlock * kGramBlock);
+  EXPECT_EQ(GramMatrix::bytes_for(1), 4);
+}
+
 TEST(CoActivation, CountsAndJaccardEqualBruteForce) {
   std::vector<at::Tensor> batches;
   for (int b = 0; b < 4; ++b) batches.push_back(at::randn({2, 7, 40}));

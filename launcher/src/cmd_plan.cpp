@@ -130,10 +130,31 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   if (command == "quantize") check_target(config, shape.solver);
   const RunPlan plan = plan_run(config, world, shape);
 
-  int smallest = 0;
-  if (budget > 0)
-    for (int w = 1; w <= config.num_layers && smallest == 0; ++w)
-      if (plan_run(config, w, run_shape(command, method, pa, fa, sa, config, w)).peak() <= budget) smallest = w;
+  auto smallest_for = [&](const ProfileArgs& args) {
+    for (int w = 1; w <= config.num_layers; ++w)
+      if (plan_run(config, w, run_shape(command, method, args, fa, sa, config, w)).peak() <= budget) return w;
+    return 0;
+  };
+  const int smallest = budget > 0 ? smallest_for(pa) : 0;
+  // The memory options this run does not use yet, alone and together: their peak at this
+  // world size and the smallest world size that fits with them.
+  json lower = json::array();
+  if (budget > 0 && plan.peak() > budget) {
+    std::vector<std::pair<std::string, ProfileArgs>> variants;
+    ProfileArgs r = pa, d = pa, both = pa;
+    r.recompute = d.recompute = both.recompute = true;
+    d.recompute = pa.recompute;
+    d.dtype = both.dtype = "bfloat16";
+    if (!pa.recompute && shape.gradients()) variants.emplace_back("--recompute", r);
+    if (shape.compute == at::kFloat) variants.emplace_back("--dtype bfloat16", d);
+    if (variants.size() == 2) variants.emplace_back("--recompute --dtype bfloat16", both);
+    for (const auto& [flags, args] : variants) {
+      const std::int64_t peak = plan_run(config, world, run_shape(command, method, args, fa, sa, config, world)).peak();
+      const int w = smallest_for(args);
+      lower.push_back({{"options", flags}, {"peak_bytes", peak}, {"fits", peak <= budget},
+                       {"smallest_world_size_that_fits", w > 0 ? json(w) : json(nullptr)}});
+    }
+  }
 
   json times = nullptr;
   if (tflops > 0 || !rate_from.empty()) {
@@ -167,6 +188,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   out["device_memory_bytes"] = budget > 0 ? json(budget) : json(nullptr);
   out["fits"] = budget > 0 ? json(plan.peak() <= budget) : json(nullptr);
   out["smallest_world_size_that_fits"] = budget > 0 ? (smallest > 0 ? json(smallest) : json(nullptr)) : json(nullptr);
+  out["with_memory_options"] = lower;
   out["time"] = times;
   out["assumptions"] = assumptions;
   if (comm.rank() != 0) return 0;
@@ -186,7 +208,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   std::printf("%-5s %-9s %10s %12s %10s %10s %11s %10s %10s  %s\n", "rank", "layers", "weights", "accumulators",
               "Hessians", "co-act", "activations", "transient", "peak", "(stage)");
   for (const auto& m : plan.ranks) {
-    const std::int64_t transient = std::max({m.backward, m.solve_work, m.pack_work + m.packed, m.load_mapping});
+    const std::int64_t transient = std::max({m.backward, m.solve_work, m.pack_work + m.packed, m.load_mapping, m.save_work});
     char layers[32];
     std::snprintf(layers, sizeof(layers), "%lld-%lld", static_cast<long long>(m.layers.begin), static_cast<long long>(m.layers.end - 1));
     std::printf("%-5d %-9s %10s %12s %10s %10s %11s %10s %10s  %s\n", m.rank, layers, format_bytes(m.weights).c_str(),
@@ -199,6 +221,12 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
     std::printf("; %s in %s", plan.peak() <= budget ? "fits" : "does NOT fit", format_bytes(budget).c_str());
     if (smallest > 0) std::printf("; the smallest world size that fits: %d", smallest);
     else std::printf("; no world size up to %lld fits", static_cast<long long>(c.num_layers));
+    for (const auto& l : lower) {
+      std::printf("\n  with %s: %s per rank, %s", l["options"].get<std::string>().c_str(),
+                  format_bytes(l["peak_bytes"].get<double>()).c_str(), l["fits"].get<bool>() ? "fits" : "does not fit");
+      if (!l["smallest_world_size_that_fits"].is_null())
+        std::printf("; the smallest world size that fits: %d", l["smallest_world_size_that_fits"].get<int>());
+    }
   }
   if (command == "quantize")
     std::printf("\ndisk: calibration checkpoint %s each (two at most while one is written), output at most %s\n",

@@ -236,7 +236,7 @@ Plan solve_stage(const ModelShard& model, const Profiler* profiler, SalienceKind
     for (int i = 0; i < kNumLinears; ++i) {
       LinearInput in{layer.index, i, layer.linears[i].weight.detach(), {}, {}, {}};
       const std::int64_t cols = in.weight.size(1);
-      if (profiler != nullptr) in.hessian = profiler->linear_hessian(layer.index, i);
+      if (profiler != nullptr) in.hessian = [profiler, l = layer.index, i] { return profiler->linear_hessian(l, i); };
       if (profiler != nullptr && !uniform) {
         in.row_leader = profiler->row_leaders(layer.index, i, clique_threshold);
         const auto pair = pair_of_format(linear_formats(cols, sopt.bit_options, sopt.group_options), cols, sopt);

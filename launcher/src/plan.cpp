@@ -124,7 +124,7 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
     if (run.calibrates() && p.coactivation) coact_per_layer += 8 * k * k + 8 * k;
   }
   if (p.hessians)
-    for (std::int64_t in : inputs) hessians_per_layer += 4 * in * in;
+    for (std::int64_t in : inputs) hessians_per_layer += GramMatrix::bytes_for(in);  // one triangle each
 
   // Activations of one micro-batch per layer on a rank: saved tensors plus the layer's output
   // (the next layer's input); with gradients off only one layer's worth at a time.
@@ -139,12 +139,14 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
                largest * 4 * (s != 4 ? 2 : 1));
   const std::int64_t head_backward = 3 * b * len * vocab * 4 + tokens * h * 4;
 
-  // Quantizer work per Linear: the largest Linear's temporaries and the largest factor.
+  // Quantizer work per Linear: the largest Linear's temporaries, the largest input's whole
+  // Hessian (made from its triangle while its Linears are solved and packed) and factor.
   const bool gptq = run.solver.quantizer.gptq && run.calibrates();
   const bool uniform = run.solver.kind == SolverKind::kUniform;
-  std::int64_t factor = 0;
-  if (gptq)
-    for (std::int64_t in : inputs) factor = std::max(factor, gptq_factor_bytes(in));
+  std::int64_t factor = 0, whole_hessian_max = 0;
+  for (std::int64_t in : inputs) whole_hessian_max = std::max(whole_hessian_max, p.hessians ? 4 * in * in : 0);
+  for (std::int64_t in : inputs)
+    factor = std::max(factor, (p.hessians ? 4 * in * in : 0) + (gptq ? gptq_factor_bytes(in) : 0));
   std::int64_t clique_work = 0;
   if (run.gradients())
     for (const auto& l : linears) clique_work = std::max(clique_work, 3 * 8 * std::min(l.out, p.candidates) * std::min(l.out, p.candidates));
@@ -195,16 +197,23 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
     m.hessians = nl * hessians_per_layer;
     m.coactivation = nl * coact_per_layer;
     m.runtime = kRuntimeBytes;
+    // Writing the statistics (a calibration checkpoint, the end of calibration included, or
+    // the salience file) makes each input's whole Hessian from its triangle, one at a time.
+    m.save_work = whole_hessian_max;
     const std::int64_t statistics = m.accumulators + m.hessians + m.coactivation;
     if (run.calibrates()) {
       if (run.gradients()) {
         // With recompute a micro-batch keeps its layers' inputs only, and one layer's saved
-        // tensors exist at a time, inside the backward pass.
+        // tensors exist at a time, inside the backward pass, made by a forward pass whose
+        // attention temporaries (the scores before and after masking, float32) the allocator
+        // still holds when the backward's are made (measured: RecomputeLowersTheCalibration-
+        // PeakAsPlanned in tests/plan_test.cpp).
+        const std::int64_t replay = run.recompute ? saved + 2 * attention_scores * 4 : 0;
         const std::int64_t per_micro_batch =
             nl * ((run.recompute ? 0 : saved) + boundary) + boundary + (last ? head_saved : 0);
         m.activations = static_cast<std::int64_t>(kTransientOverhead * static_cast<double>(run.in_flight * per_micro_batch));
         m.backward = static_cast<std::int64_t>(
-            kTransientOverhead * static_cast<double>(std::max((run.recompute ? saved : 0) + layer_params * s + backward_temporaries,
+            kTransientOverhead * static_cast<double>(std::max(replay + layer_params * s + backward_temporaries,
                                                               last ? head_backward : std::int64_t{0})));
       } else {  // forward passes only: one layer's tensors at a time, then the next
         m.activations = static_cast<std::int64_t>(kTransientOverhead *
@@ -220,12 +229,13 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
     }
     const std::int64_t base = m.runtime + m.weights;
     m.stages.emplace_back("load", base + m.load_mapping);
-    if (run.calibrates()) m.stages.emplace_back("calibration", base + statistics + m.activations + m.backward);
+    if (run.calibrates())
+      m.stages.emplace_back("calibration", base + statistics + std::max(m.activations + m.backward, m.save_work));
     if (run.command == "quantize") {
       m.stages.emplace_back("solve", base + statistics + m.solve_work);
       m.stages.emplace_back("pack", base + statistics + m.packed + m.pack_work);
     } else {
-      m.stages.emplace_back("save", base + statistics);
+      m.stages.emplace_back("save", base + statistics + m.save_work);
     }
     for (const auto& [name, bytes] : m.stages)
       if (bytes > m.peak) {
@@ -251,7 +261,11 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   // Files. A calibration checkpoint (or salience file) stores the statistics (Hessians in
   // full); the output stores every Linear at the target, at most, and the dense tensors in
   // the checkpoint's dtype.
-  for (const auto& m : plan.ranks) plan.checkpoint_bytes += m.accumulators + m.hessians + m.coactivation;
+  std::int64_t whole_hessians_per_layer = 0;
+  if (p.hessians)
+    for (std::int64_t in : inputs) whole_hessians_per_layer += 4 * in * in;
+  for (const auto& m : plan.ranks)
+    plan.checkpoint_bytes += m.accumulators + m.layers.size() * whole_hessians_per_layer + m.coactivation;
   const std::int64_t dense = (c.tie_word_embeddings ? 1 : 2) * embed + h +
                              c.num_layers * (layer_params - layer_linear);
   if (run.command == "quantize")
@@ -304,6 +318,7 @@ nlohmann::json plan_json(const RunPlan& plan) {
                                 {"backward", m.backward},
                                 {"solve_work", m.solve_work},
                                 {"pack_work", m.pack_work},
+                                {"save_work", m.save_work},
                                 {"runtime", m.runtime}}},
                      {"stages", stages},
                      {"peak_bytes", m.peak},

@@ -40,7 +40,7 @@ struct RankMemory {
   // resident
   std::int64_t weights = 0;        // parameters in the compute dtype
   std::int64_t accumulators = 0;   // per-weight statistics kept (grad_sum, causal, fisher) and per-row/column ones
-  std::int64_t hessians = 0;       // input Hessians, float32
+  std::int64_t hessians = 0;       // input Hessians, float32, one triangle each (GramMatrix)
   std::int64_t coactivation = 0;   // co-activation counters
   std::int64_t packed = 0;         // the packed share of the output, held until it is written
   // transient
@@ -49,6 +49,7 @@ struct RankMemory {
   std::int64_t backward = 0;       // one layer's weight gradients and backward temporaries
   std::int64_t solve_work = 0;     // quantizing and costing the largest Linear in every format
   std::int64_t pack_work = 0;      // quantizing the largest Linear by its plan
+  std::int64_t save_work = 0;      // the largest whole Hessian, made while statistics are written
   std::int64_t runtime = 0;        // BLAS buffers, thread pools, MPI and HDF5
   // Per stage: name and bytes over the process's start; the peak is the largest.
   std::vector<std::pair<std::string, std::int64_t>> stages;

@@ -2,12 +2,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <dlfcn.h>
 
 #include <array>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "csaq/shard/phases.h"
@@ -64,29 +62,6 @@ at::Tensor zeros_if(bool keep, std::int64_t out, std::int64_t in) {
   return keep ? at::zeros({out, in}, at::kFloat) : at::Tensor();
 }
 
-// cblas_ssyrk of the BLAS LibTorch uses, if it exports one (OpenBLAS and Debian's reference
-// BLAS do): H += XᵀX on one triangle, half the work of a full matrix product.
-using Ssyrk = void (*)(int order, int uplo, int trans, int n, int k, float alpha, const float* a, int lda, float beta,
-                       float* c, int ldc);
-Ssyrk find_ssyrk() {
-  static const Ssyrk f = reinterpret_cast<Ssyrk>(dlsym(RTLD_DEFAULT, "cblas_ssyrk"));
-  return f;
-}
-constexpr int kRowMajor = 101, kUpper = 121, kTrans = 112;
-
-// h += xᵀx, x [T, in] float32. Returns true when only the upper triangle was updated.
-bool add_gram(at::Tensor& h, const at::Tensor& x) {
-  const Ssyrk ssyrk = find_ssyrk();
-  if (ssyrk == nullptr || !h.device().is_cpu() || !x.device().is_cpu() || h.scalar_type() != at::kFloat ||
-      !h.is_contiguous() || x.size(0) > std::numeric_limits<int>::max() || x.size(1) > std::numeric_limits<int>::max()) {
-    h.addmm_(x.t(), x);
-    return false;
-  }
-  const at::Tensor xc = x.contiguous();
-  const int n = static_cast<int>(xc.size(1)), k = static_cast<int>(xc.size(0));
-  ssyrk(kRowMajor, kUpper, kTrans, n, k, 1.0f, xc.data_ptr<float>(), n, 1.0f, h.data_ptr<float>(), n);
-  return true;
-}
 }  // namespace
 
 int input_of(int linear) {
@@ -112,9 +87,8 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
     }
     for (int k = 0; k < kNumInputs; ++k) {
       const std::int64_t in = layer.linears[kFirstReader[k]].weight.size(1);
-      hessian_.push_back(options_.hessians ? at::zeros({in, in}, at::kFloat) : at::Tensor());
+      hessian_.push_back(options_.hessians ? GramMatrix(in) : GramMatrix());
       hessian_tokens_.push_back(0);
-      hessian_upper_only_.push_back(0);
     }
   }
   observer_ = [this](std::int64_t layer, int linear, const at::Tensor& input, const at::Tensor& output) {
@@ -134,7 +108,8 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       ScopedPhase phase("hessian");
       const std::size_t h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + k);
       const at::Tensor xf = x.to(at::kFloat);
-      if (add_gram(hessian_[h], xf)) hessian_upper_only_[h] = 1;
+      if (h == full_index_) full_ = at::Tensor();
+      hessian_[h].add(xf);
       hessian_tokens_[h] += x.size(0);
     }
     replay_observer_(layer, linear, input, output);
@@ -162,17 +137,15 @@ const Linear& Profiler::weights(std::int64_t layer, int linear) const {
   return model_.decoder()[static_cast<std::size_t>(layer - model_.layers().begin)].linears[linear];
 }
 
-const at::Tensor& Profiler::hessian(std::int64_t layer, int input) const {
+at::Tensor Profiler::hessian(std::int64_t layer, int input) const {
   CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs && options_.hessians);
   const auto h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input);
-  if (hessian_upper_only_[h]) {  // the lower triangle takes the accumulated upper one, in place
-    float* m = hessian_[h].data_ptr<float>();
-    const std::int64_t n = hessian_[h].size(0);
-    for (std::int64_t i = 0; i < n; ++i)
-      for (std::int64_t j = i + 1; j < n; ++j) m[j * n + i] = m[i * n + j];
-    hessian_upper_only_[h] = 0;
+  if (h != full_index_) {
+    full_ = at::Tensor();  // freed first, unless a caller still holds it
+    full_ = hessian_[h].full();
+    full_index_ = h;
   }
-  return hessian_[h];
+  return full_;
 }
 
 std::int64_t Profiler::hessian_tokens(std::int64_t layer, int input) const {
@@ -443,7 +416,9 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
   }
   for (const DecoderLayer& layer : model_.decoder())
     for (int k = 0; k < kNumInputs; ++k) {
-      f.write(hessian_name(layer.index, k), hessian(layer.index, k));
+      // Made here and dropped at once (not kept as the last one read, mid-calibration).
+      const std::size_t h = static_cast<std::size_t>((layer.index - model_.layers().begin) * kNumInputs + k);
+      f.write(hessian_name(layer.index, k), h == full_index_ ? full_ : hessian_[h].full());
       f.write(hessian_name(layer.index, k) + "_tokens", at::tensor({hessian_tokens(layer.index, k)}, at::kLong));
     }
 }
@@ -460,6 +435,8 @@ void Profiler::load(const storage::H5File& f) {
   for (const char* key : {"candidates", "fire_fraction"})
     CSAQ_CHECK(saved[key] == mine[key], "salience file '", f.path(), "' was made with ", key, " ", saved[key].dump(),
                ", not ", mine[key].dump());
+  full_ = at::Tensor();
+  full_index_ = kNoHessian;
   for (auto& st : stats_) {
     const std::string g = stats_group(st.layer, st.linear);
     // Each accumulator the file holds (it keeps those of the cost model it was profiled for).
@@ -482,8 +459,9 @@ void Profiler::load(const storage::H5File& f) {
   for (const DecoderLayer& layer : model_.decoder())
     for (int k = 0; k < kNumInputs; ++k) {
       const std::size_t h = static_cast<std::size_t>((layer.index - model_.layers().begin) * kNumInputs + k);
-      hessian_[h] = f.read(hessian_name(layer.index, k));
-      hessian_upper_only_[h] = 0;
+      const at::Tensor full = f.read(hessian_name(layer.index, k));
+      if (!hessian_[h].defined()) hessian_[h] = GramMatrix(full.size(0));
+      hessian_[h].assign(full);
       hessian_tokens_[h] = f.read(hessian_name(layer.index, k) + "_tokens")[0].item<std::int64_t>();
     }
   checks_.clear();

@@ -211,6 +211,7 @@ Quantized quantize_gptq(const at::Tensor& weight, const RowSpec& spec, const Gpt
 const GptqFactor& GptqFactorCache::get(const at::Tensor& hessian, const QuantizerOptions& options) {
   if (!hessian_.defined() || !hessian_.is_same(hessian)) {
     factor_ = GptqFactor();
+    hessian_ = at::Tensor();  // the previous input's matrix may be freed now
 #ifdef __GLIBC__
     // The previous Linears' freed blocks go back to the system first, so that the float64
     // copies below start from a compact heap rather than add to its holes (docs/planning.md:

@@ -134,7 +134,7 @@ LinearUnits build_units(const LinearInput& in, const std::vector<Format>& format
   u.bits = at::zeros({n, k}, at::kLong);
   if (costs) {
     const at::Tensor w = in.weight.detach().to(at::kFloat);
-    for_each_format(w, in.row_leader, in.hessian, formats, opt.quantizer,
+    for_each_format(w, in.row_leader, in.hessian ? in.hessian() : at::Tensor(), formats, opt.quantizer,
                     [&](std::size_t f, const Quantized& q) {
                       const at::Tensor row_cost = in.cost(q.values - w, f).to(at::kDouble);
                       u.cost.select(1, static_cast<std::int64_t>(f)).index_add_(0, u.slot, row_cost);

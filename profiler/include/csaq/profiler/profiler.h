@@ -11,7 +11,7 @@
 //                                                           clique leaders)
 //   input_abs_sum Σ_t |x_t|                   [in] float64
 // and per distinct Linear input of a layer (q/k/v, o, gate/up, down) H = Σ_t x_t x_tᵀ,
-// [in, in] float32 (GPTQ's Hessian), plus a CoActivation tracker per Linear. Statistics live
+// [in, in] float32 (GPTQ's Hessian, kept as one triangle), plus a CoActivation tracker per Linear. Statistics live
 // with the layers (sharded); nothing here holds another rank's layers. Not thread-safe.
 //
 // A cost model predicts the loss increase of changing a Linear row by Δ (its quantization
@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "csaq/profiler/coactivation.h"
+#include "csaq/profiler/gram.h"
 #include "csaq/shard/comm.h"
 #include "csaq/shard/model.h"
 #include "csaq/shard/pipeline.h"
@@ -119,8 +120,11 @@ class Profiler {
   RoundCallback round_callback();
 
   // H of layer `layer`'s input `input` (see input_of), [in, in] float32, and of a Linear's.
-  const at::Tensor& hessian(std::int64_t layer, int input) const;
-  const at::Tensor& linear_hessian(std::int64_t layer, int linear) const { return hessian(layer, input_of(linear)); }
+  // Kept as one triangle (GramMatrix); the whole matrix is made on request, and the last one
+  // made is kept until another is asked for (q, k and v share theirs), so hold the result
+  // only while working on its Linears.
+  at::Tensor hessian(std::int64_t layer, int input) const;
+  at::Tensor linear_hessian(std::int64_t layer, int linear) const { return hessian(layer, input_of(linear)); }
   std::int64_t hessian_tokens(std::int64_t layer, int input) const;
 
   // Predicted loss increase per row [out] (float64) of changing the Linear by `delta` [out, in]
@@ -174,10 +178,11 @@ class Profiler {
   ProfilerOptions options_;
   std::vector<LinearStats> stats_;
   std::vector<at::Tensor> sample_index_;  // per local Linear: flat indices into [out*in]
-  // Per local layer and input: Σ x xᵀ. Accumulated on the upper triangle where the BLAS has
-  // a symmetric rank-k update (hessian_upper_only_ set), completed when read.
-  mutable std::vector<at::Tensor> hessian_;
-  mutable std::vector<char> hessian_upper_only_;
+  // Per local layer and input: Σ x xᵀ, one triangle; the whole of the last one asked for.
+  static constexpr std::size_t kNoHessian = static_cast<std::size_t>(-1);
+  std::vector<GramMatrix> hessian_;
+  mutable at::Tensor full_;
+  mutable std::size_t full_index_ = kNoHessian;
   std::vector<std::int64_t> hessian_tokens_;
   LinearObserver observer_;
   LinearObserver replay_observer_;

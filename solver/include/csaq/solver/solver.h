@@ -63,7 +63,9 @@ struct LinearInput {
   int linear = 0;
   at::Tensor weight;      // [out, in]
   at::Tensor row_leader;  // [out] int64 (see find_cliques)
-  at::Tensor hessian;     // [in, in] float32 Σ x xᵀ of its input (undefined: none measured)
+  // [in, in] float32 Σ x xᵀ of its input, made when the solver reaches this Linear (so that
+  // one input's matrix is whole at a time); empty: none measured.
+  std::function<at::Tensor()> hessian;
   RowCost cost;           // unused by the uniform solver
 };
 
