@@ -128,7 +128,7 @@ def main():
     print("\n| model | csaq pass | csaq tokens/s | eager tokens/s | ratio | csaq peak MB | eager peak MB | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
-    phases = ["forward", "backward", "salience_fold", "output_gradient_energy", "coactivation", "hessian",
+    phases = ["forward", "backward", "recompute", "salience_fold", "output_gradient_energy", "coactivation", "hessian",
               "input_statistics", "communication", "early_stop", "checkpoint", "other"]
     print("\ncsaq profile, seconds per phase (rank by rank):\n")
     print("| model | ranks | rank | " + " | ".join(phases) + " | total |")

@@ -121,6 +121,10 @@ TEST_F(ToyCalibration, HessiansAndOutputGradientEnergyEqualADirectComputation) {
   EXPECT_TRUE(profiler_.linear_hessian(0, 0).is_same(profiler_.linear_hessian(0, 2)));  // q, k, v share one input
   EXPECT_FALSE(profiler_.linear_hessian(0, 4).is_same(profiler_.linear_hessian(0, 3)));
   EXPECT_EQ(profiler_.hessian_tokens(1, input_of(6)), data_.tokens());
+  // A matrix asked for and then added to: the next one asked for has the new data.
+  const at::Tensor once = profiler_.linear_hessian(1, 6).clone();
+  calibrate();
+  EXPECT_LT(test::rel_error(profiler_.linear_hessian(1, 6), 2 * once), 1e-6);
 }
 
 // Sets every Linear to W + t·deltas (or back to W with t = 0).

@@ -108,7 +108,10 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
       ScopedPhase phase("hessian");
       const std::size_t h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + k);
       const at::Tensor xf = x.to(at::kFloat);
-      if (h == full_index_) full_ = at::Tensor();
+      if (h == full_index_) {  // the whole matrix made before is out of date
+        full_ = at::Tensor();
+        full_index_ = kNoHessian;
+      }
       hessian_[h].add(xf);
       hessian_tokens_[h] += x.size(0);
     }
