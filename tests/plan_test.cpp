@@ -159,6 +159,32 @@ TEST(Plan, PartitionFitsAndSmallestWorldSizeAreConsistent) {
   EXPECT_NE(r.output.find("cannot split 12 decoder layers across 13 ranks"), std::string::npos) << r.output;
 }
 
+TEST(Plan, QuantizeSaysItsPlanFirstAndWarnsWhereTheNodeHasTooLittleMemory) {
+  TempDir dir;
+  make_demo(dir);
+  if (HasFatalFailure()) return;
+  const std::string args = " --model " + (dir / "demo") + " --calib " + (dir / "demo/tokens.npy") +
+                           " --seq-len 64 --samples 8 --target-bits 4 --group-options 32";
+  const auto between = [](const std::string& text, const std::string& from, const std::string& to) {
+    const auto a = text.find(from);
+    return a == std::string::npos ? std::string("(absent)") : text.substr(a + from.size(), text.find(to, a) - a - from.size());
+  };
+  Result plan = run(csaq() + " plan" + args + " --world-size 2");
+  ASSERT_EQ(plan.rc, 0) << plan.output;
+  Result r = run("env CSAQ_TEST_MEM_AVAILABLE=1000000000000 " + mpirun(2) + " quantize" + args + " --out " + (dir / "a.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(between(r.output, "[plan] peak ", " per rank"), between(plan.output, "peak: ", " per rank")) << r.output;
+  EXPECT_NE(r.output.find("2 rank(s) on this node"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("warning: the plan"), std::string::npos) << r.output;
+  // 1 MB free: warned before any weight is read, and the run goes on.
+  r = run("env CSAQ_TEST_MEM_AVAILABLE=1000000 " + mpirun(2) + " quantize" + args + " --out " + (dir / "b.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto warning = r.output.find("warning: the plan puts this node's ranks at");
+  ASSERT_NE(warning, std::string::npos) << r.output;
+  EXPECT_LT(warning, r.output.find("[profile]")) << r.output;
+  EXPECT_TRUE(fs::exists(dir / "b.h5"));
+}
+
 TEST(Plan, ABadConfigGetsTheSameErrorAsQuantize) {
   TempDir dir;
   make_demo(dir);

@@ -3,6 +3,7 @@
 // budget, no recomputation), csaq pack (plan file -> checkpoint).
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -321,6 +322,25 @@ void add_planned(json& report, const ModelConfig& config, const RunShape& shape)
   report["planned_peak_bytes"] = peaks;
 }
 
+// Before any weight is read, rank 0 says what csaq plan predicts for this run, and warns
+// when the ranks on its node would need more memory than the node (or the job's cgroup) has.
+void announce_plan(const ModelConfig& config, const RunShape& shape, Communicator& comm) {
+  if (comm.rank() != 0) return;
+  const RunPlan p = plan_run(config, comm.size(), shape);
+  const auto largest = std::max_element(p.ranks.begin(), p.ranks.end(),
+                                        [](const RankMemory& a, const RankMemory& b) { return a.peak < b.peak; });
+  const std::int64_t node = p.peak() * comm.local_size(), free = available_memory_bytes();
+  std::fprintf(stderr, "[plan] peak %s per rank (rank %d, %s); %d rank(s) on this node, %s available\n",
+               format_bytes(static_cast<double>(p.peak())).c_str(), largest->rank, largest->peak_stage.c_str(),
+               comm.local_size(), free > 0 ? format_bytes(static_cast<double>(free)).c_str() : "unknown");
+  if (free > 0 && node > free)
+    std::fprintf(stderr,
+                 "warning: the plan puts this node's ranks at %s, more than the %s available: the run may be killed "
+                 "for want of memory; `csaq plan` with the same options and --device-memory shows what --recompute, "
+                 "--dtype bfloat16 or more ranks would need\n",
+                 format_bytes(static_cast<double>(node)).c_str(), format_bytes(static_cast<double>(free)).c_str());
+}
+
 json base_report(const std::string& command, const std::string& model_dir, Communicator& comm) {
   return {{"command", command}, {"csaq_version", CSAQ_VERSION}, {"model", model_dir}, {"world_size", comm.size()},
           {"time_s", json::object()}};
@@ -361,6 +381,7 @@ int run_quantize(const std::vector<std::string>& args, Communicator& comm) {
   const ModelConfig config = model_config(model_dir, comm);
   check_target(config, sopt);
   if (!rtn) warn_if_beyond_positions(config, pa.seq_len, comm);
+  announce_plan(config, run_shape("quantize", method, pa, fa, sa, config, comm.size()), comm);
 
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype));
   end_stage("load");
@@ -418,6 +439,7 @@ int run_profile(const std::vector<std::string>& args, Communicator& comm) {
   install_preemption_handlers();
   const ModelConfig config = model_config(model_dir, comm);
   warn_if_beyond_positions(config, pa.seq_len, comm);
+  announce_plan(config, run_shape("profile", "csaq", pa, fa, SolveArgs{}, config, comm.size()), comm);
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size(), compute_dtype(pa.dtype));
   end_stage("load");
   Profiler profiler(model, comm, popt);
