@@ -49,9 +49,15 @@ std::vector<std::int64_t> hessian_inputs(const ModelConfig& c) {
 constexpr std::int64_t kQuantizeBytesPerWeight = 20;
 
 // GPTQ's factor of an input's Hessian, per entry: while it is computed, at most two float64
-// copies (16 bytes; a model whose down_proj input is 6144 wide measured 15.7 on 1 and 2
-// threads, docs/planning.md);
-std::int64_t gptq_factor_bytes(std::int64_t in) { return in * in * 16; }
+// copies, 16 bytes, where each copy is larger than glibc's largest dynamic mmap threshold
+// (32 MiB), so that it is mapped on its own and unmapped when freed (a model whose down_proj
+// input is 6144 wide measured 15.7 on 1 and 2 threads); smaller copies come from the heap,
+// whose holes the factorisations of successive Linears leave: 44 bytes measured there
+// (docs/planning.md);
+std::int64_t gptq_factor_bytes(std::int64_t in) {
+  constexpr std::int64_t kLargestMmapThreshold = std::int64_t{32} << 20;
+  return in * in * (8 * in * in >= kLargestMmapThreshold ? 16 : 44);
+}
 
 // and the peak resident set of calibration exceeds the tensors counted here (the saved
 // activations, one layer's backward) by this factor: what glibc's allocator keeps between
