@@ -140,13 +140,14 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
   // world size and the smallest world size that fits with them.
   json lower = json::array();
   if (budget > 0 && plan.peak() > budget) {
+    ProfileArgs recompute = pa, bf16 = pa;
+    recompute.recompute = true;
+    bf16.dtype = "bfloat16";
+    ProfileArgs both = recompute;
+    both.dtype = bf16.dtype;
     std::vector<std::pair<std::string, ProfileArgs>> variants;
-    ProfileArgs r = pa, d = pa, both = pa;
-    r.recompute = d.recompute = both.recompute = true;
-    d.recompute = pa.recompute;
-    d.dtype = both.dtype = "bfloat16";
-    if (!pa.recompute && shape.gradients()) variants.emplace_back("--recompute", r);
-    if (shape.compute == at::kFloat) variants.emplace_back("--dtype bfloat16", d);
+    if (!pa.recompute && shape.gradients()) variants.emplace_back("--recompute", recompute);
+    if (shape.compute == at::kFloat) variants.emplace_back("--dtype bfloat16", bf16);
     if (variants.size() == 2) variants.emplace_back("--recompute --dtype bfloat16", both);
     for (const auto& [flags, args] : variants) {
       const std::int64_t peak = plan_run(config, world, run_shape(command, method, args, fa, sa, config, world)).peak();

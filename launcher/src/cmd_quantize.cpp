@@ -329,9 +329,9 @@ void announce_plan(const ModelConfig& config, const RunShape& shape, Communicato
   const RunPlan p = plan_run(config, comm.size(), shape);
   const auto largest = std::max_element(p.ranks.begin(), p.ranks.end(),
                                         [](const RankMemory& a, const RankMemory& b) { return a.peak < b.peak; });
-  const std::int64_t node = p.peak() * comm.local_size(), free = available_memory_bytes();
+  const std::int64_t node = largest->peak * comm.local_size(), free = available_memory_bytes();
   std::fprintf(stderr, "[plan] peak %s per rank (rank %d, %s); %d rank(s) on this node, %s available\n",
-               format_bytes(static_cast<double>(p.peak())).c_str(), largest->rank, largest->peak_stage.c_str(),
+               format_bytes(static_cast<double>(largest->peak)).c_str(), largest->rank, largest->peak_stage.c_str(),
                comm.local_size(), free > 0 ? format_bytes(static_cast<double>(free)).c_str() : "unknown");
   if (free > 0 && node > free)
     std::fprintf(stderr,

@@ -123,14 +123,21 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   // calibration has seen a batch) and the four input Hessians (all but rtn).
   const ProfilerOptions& p = run.profiler;
   const int kept = (p.keep_grad_sum ? 1 : 0) + (p.keep_causal ? 1 : 0) + (p.keep_fisher ? 1 : 0);
-  std::int64_t accumulators_per_layer = 0, coact_per_layer = 0, hessians_per_layer = 0;
+  std::int64_t accumulators_per_layer = 0, coact_per_layer = 0;
   for (const auto& l : linears) {
     accumulators_per_layer += 4 * kept * l.weights() + 8 * (l.out + l.in) + 8 * p.sample_per_linear;
     const std::int64_t k = std::min(l.out, p.candidates);
     if (run.calibrates() && p.coactivation) coact_per_layer += 8 * k * k + 8 * k;
   }
+  // Each input's Hessian: one triangle kept, the whole matrix made for one input at a time
+  // (solve, pack, writing statistics) and stored whole in files.
+  std::int64_t hessians_per_layer = 0, whole_hessians_per_layer = 0, whole_hessian_max = 0;
   if (p.hessians)
-    for (std::int64_t in : inputs) hessians_per_layer += GramMatrix::bytes_for(in);  // one triangle each
+    for (std::int64_t in : inputs) {
+      hessians_per_layer += GramMatrix::bytes_for(in);
+      whole_hessians_per_layer += 4 * in * in;
+      whole_hessian_max = std::max(whole_hessian_max, 4 * in * in);
+    }
 
   // Activations of one micro-batch per layer on a rank: saved tensors plus the layer's output
   // (the next layer's input); with gradients off only one layer's worth at a time.
@@ -149,8 +156,7 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   // Hessian (made from its triangle while its Linears are solved and packed) and factor.
   const bool gptq = run.solver.quantizer.gptq && run.calibrates();
   const bool uniform = run.solver.kind == SolverKind::kUniform;
-  std::int64_t factor = 0, whole_hessian_max = 0;
-  for (std::int64_t in : inputs) whole_hessian_max = std::max(whole_hessian_max, p.hessians ? 4 * in * in : 0);
+  std::int64_t factor = 0;
   for (std::int64_t in : inputs)
     factor = std::max(factor, (p.hessians ? 4 * in * in : 0) + (gptq ? gptq_factor_bytes(in) : 0));
   std::int64_t clique_work = 0;
@@ -267,9 +273,6 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   // Files. A calibration checkpoint (or salience file) stores the statistics (Hessians in
   // full); the output stores every Linear at the target, at most, and the dense tensors in
   // the checkpoint's dtype.
-  std::int64_t whole_hessians_per_layer = 0;
-  if (p.hessians)
-    for (std::int64_t in : inputs) whole_hessians_per_layer += 4 * in * in;
   for (const auto& m : plan.ranks)
     plan.checkpoint_bytes += m.accumulators + m.layers.size() * whole_hessians_per_layer + m.coactivation;
   const std::int64_t dense = (c.tie_word_embeddings ? 1 : 2) * embed + h +

@@ -5,11 +5,9 @@
 #include <dlfcn.h>
 #include <malloc.h>
 
-#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,47 +31,6 @@ at::Tensor gather_rows(Communicator& comm, const std::vector<double>& values) {
 }  // namespace
 
 void record_start_of_run() { g_baseline_rss = resident_bytes(); }
-
-namespace {
-// The first number after `key` in a "key value" text file, or -1.
-std::int64_t field_of(const std::string& path, const std::string& key) {
-  std::ifstream in(path);
-  std::string k;
-  std::int64_t v = -1;
-  while (in >> k) {
-    if (k == key && in >> v) return v;
-    in.ignore(1 << 20, '\n');
-  }
-  return -1;
-}
-std::int64_t number_in(const std::string& path) {
-  std::ifstream in(path);
-  std::int64_t v = -1;
-  return in >> v ? v : -1;  // "max" (no limit) reads as nothing
-}
-}  // namespace
-
-std::int64_t available_memory_bytes() {
-  if (const char* test = std::getenv("CSAQ_TEST_MEM_AVAILABLE")) return std::atoll(test);
-  const std::int64_t kb = field_of("/proc/meminfo", "MemAvailable:");
-  std::int64_t free = kb > 0 ? kb * 1024 : 0;
-  // The job's limit, cgroup v2 ("0::/path": memory.max) or v1 ("N:memory:/path").
-  auto limit = [&](const std::string& max_file, const std::string& used_file) {
-    const std::int64_t max = number_in(max_file), used = number_in(used_file);
-    if (max > 0 && used >= 0 && (free == 0 || max - used < free)) free = std::max<std::int64_t>(0, max - used);
-  };
-  std::ifstream cgroup("/proc/self/cgroup");
-  std::string line;
-  while (std::getline(cgroup, line)) {
-    const std::size_t at = line.find(":memory:");
-    if (line.rfind("0::", 0) == 0)
-      limit("/sys/fs/cgroup" + line.substr(3) + "/memory.max", "/sys/fs/cgroup" + line.substr(3) + "/memory.current");
-    else if (at != std::string::npos)
-      limit("/sys/fs/cgroup/memory" + line.substr(at + 8) + "/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory" + line.substr(at + 8) + "/memory.usage_in_bytes");
-  }
-  return free;
-}
 
 void end_stage(const char* stage) {
   g_stage_peaks.emplace_back(stage, peak_resident_bytes());

@@ -18,11 +18,6 @@ std::string blas_description();
 // {"blas", "threads" (intra-op threads per rank), "device"}.
 nlohmann::json runtime_json();
 
-// Memory this process could still get: MemAvailable of /proc/meminfo, or less where the
-// process's cgroup (v2: a SLURM job's --mem) leaves less; 0 when unknown. The environment
-// variable CSAQ_TEST_MEM_AVAILABLE (bytes) replaces it, for tests.
-std::int64_t available_memory_bytes();
-
 // At the end of stage `stage` (every rank ends the same stages in the same order): notes the
 // peak resident memory so far, so that a report says which stage set the peak, and hands the
 // memory the stage freed back to the system (malloc_trim), so that the next stage's peak is its

@@ -106,7 +106,7 @@ Profiler::Profiler(const ModelShard& model, Communicator& comm, ProfilerOptions 
     const int k = input_of(linear);
     if (options_.hessians && kFirstReader[k] == linear) {
       ScopedPhase phase("hessian");
-      const std::size_t h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + k);
+      const std::size_t h = hessian_index(layer, k);
       const at::Tensor xf = x.to(at::kFloat);
       if (h == full_index_) {  // the whole matrix made before is out of date
         full_ = at::Tensor();
@@ -136,13 +136,17 @@ std::size_t Profiler::index(std::int64_t layer, int linear) const {
 
 const LinearStats& Profiler::stats(std::int64_t layer, int linear) const { return stats_[index(layer, linear)]; }
 
+std::size_t Profiler::hessian_index(std::int64_t layer, int input) const {
+  return static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input);
+}
+
 const Linear& Profiler::weights(std::int64_t layer, int linear) const {
   return model_.decoder()[static_cast<std::size_t>(layer - model_.layers().begin)].linears[linear];
 }
 
 at::Tensor Profiler::hessian(std::int64_t layer, int input) const {
   CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs && options_.hessians);
-  const auto h = static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input);
+  const std::size_t h = hessian_index(layer, input);
   if (h != full_index_) {
     full_ = at::Tensor();  // freed first, unless a caller still holds it
     full_ = hessian_[h].full();
@@ -153,7 +157,7 @@ at::Tensor Profiler::hessian(std::int64_t layer, int input) const {
 
 std::int64_t Profiler::hessian_tokens(std::int64_t layer, int input) const {
   CSAQ_ASSERT(model_.layers().contains(layer) && input >= 0 && input < kNumInputs);
-  return hessian_tokens_[static_cast<std::size_t>((layer - model_.layers().begin) * kNumInputs + input)];
+  return hessian_tokens_[hessian_index(layer, input)];
 }
 
 GradientCallback Profiler::gradient_callback() {
@@ -420,7 +424,7 @@ void Profiler::save(storage::H5File& f, Communicator& comm, const std::string& e
   for (const DecoderLayer& layer : model_.decoder())
     for (int k = 0; k < kNumInputs; ++k) {
       // Made here and dropped at once (not kept as the last one read, mid-calibration).
-      const std::size_t h = static_cast<std::size_t>((layer.index - model_.layers().begin) * kNumInputs + k);
+      const std::size_t h = hessian_index(layer.index, k);
       f.write(hessian_name(layer.index, k), h == full_index_ ? full_ : hessian_[h].full());
       f.write(hessian_name(layer.index, k) + "_tokens", at::tensor({hessian_tokens(layer.index, k)}, at::kLong));
     }
@@ -461,7 +465,7 @@ void Profiler::load(const storage::H5File& f) {
   }
   for (const DecoderLayer& layer : model_.decoder())
     for (int k = 0; k < kNumInputs; ++k) {
-      const std::size_t h = static_cast<std::size_t>((layer.index - model_.layers().begin) * kNumInputs + k);
+      const std::size_t h = hessian_index(layer.index, k);
       const at::Tensor full = f.read(hessian_name(layer.index, k));
       if (!hessian_[h].defined()) hessian_[h] = GramMatrix(full.size(0));
       hessian_[h].assign(full);

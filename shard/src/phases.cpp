@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 
 namespace csaq {
@@ -52,18 +54,47 @@ std::int64_t resident_bytes() {
   return resident * static_cast<std::int64_t>(::sysconf(_SC_PAGESIZE));
 }
 
-std::int64_t peak_resident_bytes() {
-  std::ifstream status("/proc/self/status");
-  std::string key;
-  while (status >> key) {
-    if (key == "VmHWM:") {
-      std::int64_t kb = 0;
-      status >> kb;
-      return kb * 1024;
-    }
-    status.ignore(1 << 20, '\n');
+namespace {
+// Bytes of the "key: N kB" line of a /proc file, or 0.
+std::int64_t kb_field(const char* path, const std::string& key) {
+  std::ifstream in(path);
+  std::string k;
+  while (in >> k) {
+    std::int64_t kb = 0;
+    if (k == key && in >> kb) return kb * 1024;
+    in.ignore(1 << 20, '\n');
   }
   return 0;
+}
+// The number a cgroup file holds, or -1 ("max", no limit, reads as none).
+std::int64_t number_in(const std::string& path) {
+  std::ifstream in(path);
+  std::int64_t v = -1;
+  return in >> v ? v : -1;
+}
+}  // namespace
+
+std::int64_t peak_resident_bytes() { return kb_field("/proc/self/status", "VmHWM:"); }
+
+std::int64_t available_memory_bytes() {
+  if (const char* test = std::getenv("CSAQ_TEST_MEM_AVAILABLE")) return std::atoll(test);
+  std::int64_t free = kb_field("/proc/meminfo", "MemAvailable:");
+  // The job's limit, cgroup v2 ("0::/path": memory.max) or v1 ("N:memory:/path").
+  auto limit = [&](const std::string& max_file, const std::string& used_file) {
+    const std::int64_t max = number_in(max_file), used = number_in(used_file);
+    if (max > 0 && used >= 0 && (free == 0 || max - used < free)) free = std::max<std::int64_t>(0, max - used);
+  };
+  std::ifstream cgroup("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(cgroup, line)) {
+    const std::size_t at = line.find(":memory:");
+    if (line.rfind("0::", 0) == 0)
+      limit("/sys/fs/cgroup" + line.substr(3) + "/memory.max", "/sys/fs/cgroup" + line.substr(3) + "/memory.current");
+    else if (at != std::string::npos)
+      limit("/sys/fs/cgroup/memory" + line.substr(at + 8) + "/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory" + line.substr(at + 8) + "/memory.usage_in_bytes");
+  }
+  return free;
 }
 
 }  // namespace csaq

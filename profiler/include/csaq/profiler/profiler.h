@@ -172,6 +172,7 @@ class Profiler {
  private:
   at::Tensor global_sample() const;
   std::size_t index(std::int64_t layer, int linear) const;
+  std::size_t hessian_index(std::int64_t layer, int input) const;  // into hessian_ and hessian_tokens_
 
   const ModelShard& model_;
   Communicator& comm_;

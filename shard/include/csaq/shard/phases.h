@@ -31,5 +31,9 @@ void reset_phases();
 // Resident set size of this process now, and its peak so far (Linux /proc; 0 elsewhere).
 std::int64_t resident_bytes();
 std::int64_t peak_resident_bytes();
+// Memory this process could still get: MemAvailable of /proc/meminfo, or less where the
+// process's cgroup (v1 or v2: a SLURM job's --mem) leaves less; 0 when unknown. The
+// environment variable CSAQ_TEST_MEM_AVAILABLE (bytes) replaces it, for tests.
+std::int64_t available_memory_bytes();
 
 }  // namespace csaq
