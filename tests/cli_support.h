@@ -3,6 +3,7 @@
 
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -46,10 +47,14 @@ inline Result run(const std::string& command, int timeout_s = 120) {
 inline std::string csaq() { return CSAQ_EXE; }
 inline std::string mpirun(int ranks) { return std::string(CSAQ_MPIEXEC) + " -n " + std::to_string(ranks) + " " + CSAQ_EXE; }
 
-inline double perplexity_of(const Result& r) {
-  const auto pos = r.output.find("perplexity: ");
-  return pos == std::string::npos ? -1.0 : std::stod(r.output.substr(pos + 12));
+// The number after the first line starting with `label` ("perplexity: ", "KL divergence: ");
+// NaN when there is none, so that every comparison with it fails.
+inline double printed_value(const Result& r, const std::string& label) {
+  const std::string text = "\n" + r.output;
+  const auto pos = text.find("\n" + label);
+  return pos == std::string::npos ? std::nan("") : std::stod(text.substr(pos + 1 + label.size()));
 }
+inline double perplexity_of(const Result& r) { return printed_value(r, "perplexity: "); }
 
 inline json read_json(const std::string& path) {
   std::ifstream in(path);

@@ -709,5 +709,39 @@ TEST(Solver, UnreachableTargetsAreRefusedUpFront) {
   EXPECT_CSAQ_ERROR(parse_group_options("0"), "--group-options: 0");
 }
 
+TEST(Solver, UniformWithASingleBitOptionTakesItAtAnyBudgetItFits) {
+  // --method gptq --bit-options 4 (one width) at its own total, above it and far above it
+  // takes that width; below its total it is refused up front, naming the bound.
+  LocalCommunicator comm;
+  const auto linears = random_linears(2, 11);
+  std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
+  for (const auto& in : linears) shapes.emplace_back(in.weight.size(0), in.weight.size(1));
+  for (int bits : {2, 3, 4, 8, 16})
+    for (std::int64_t group : {std::int64_t{32}, std::int64_t{128}, std::int64_t{-1}}) {
+      SCOPED_TRACE("bits " + std::to_string(bits) + " group " + std::to_string(group));
+      SolverOptions o;
+      o.kind = SolverKind::kUniform;
+      o.bit_options = {bits};
+      o.group_options = {group};
+      o.target_bits = 17.0;
+      check_target_reachable(shapes, o);
+      const Plan wide = solve(linears, 2, comm, o);
+      const double own = double(wide.summary.total_bits) / double(wide.summary.weights);
+      EXPECT_GE(own, double(bits));
+      for (double target : {own + 1e-9, own + 0.3, 17.0}) {
+        o.target_bits = target;
+        check_target_reachable(shapes, o);
+        const Plan plan = solve(linears, 2, comm, o);
+        EXPECT_EQ(plan.summary.total_bits, wide.summary.total_bits) << target;
+        for (const auto& lp : plan.linears) EXPECT_EQ(lp.formats.size(), 1u);
+        EXPECT_EQ(plan.linears[0].formats[0].bits, bits);
+      }
+      if (bits < 16) {
+        o.target_bits = own - 0.01;
+        EXPECT_CSAQ_ERROR(check_target_reachable(shapes, o), "cannot go below");
+      }
+    }
+}
+
 }  // namespace
 }  // namespace csaq

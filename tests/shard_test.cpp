@@ -324,5 +324,49 @@ TEST(Pipeline, MicroBatchSizeAndInFlightDoNotChangeGradients) {
   }
 }
 
+// ---- labels drawn from the model, and the divergence between two models ----
+
+TEST(Fidelity, DrawnLabelsFollowTheSoftmaxAndDependOnTheSeedOnly) {
+  // Two positions with known distributions over 5 tokens (one with a token of probability 0):
+  // the frequencies of 20000 draws per position match them to a few standard errors.
+  const at::Tensor probs = at::tensor({0.5, 0.2, 0.15, 0.1, 0.05, 0.0, 0.7, 0.1, 0.1, 0.1}, at::kDouble).reshape({2, 5});
+  const at::Tensor logits_one = at::log(probs.clamp_min(1e-300)).to(at::kFloat);
+  const std::int64_t draws = 20000;
+  // [b = draws, L = 3, V = 5]: position 0 and 1 predict with the two rows; position 2 is unused.
+  const at::Tensor logits = at::cat({logits_one, logits_one.slice(0, 0, 1)}).unsqueeze(0).expand({draws, 3, 5}).contiguous();
+  const at::Tensor ids = at::full({draws, 3}, 4, at::kLong);
+  const at::Tensor a = sample_next_tokens(logits, ids, 7), b = sample_next_tokens(logits, ids, 7);
+  ASSERT_EQ(a.sizes(), ids.sizes());
+  EXPECT_TRUE(at::equal(a, b));                                     // the seed decides
+  EXPECT_FALSE(at::equal(a, sample_next_tokens(logits, ids, 8)));   // and another draws others
+  EXPECT_TRUE(at::equal(a.select(1, 0), ids.select(1, 0)));          // position 0 is the text's
+  for (std::int64_t pos = 0; pos < 2; ++pos) {
+    const at::Tensor freq = at::bincount(a.select(1, pos + 1), {}, 5).to(at::kDouble) / double(draws);
+    for (std::int64_t v = 0; v < 5; ++v) {
+      const double p = probs[pos][v].item<double>();
+      EXPECT_NEAR(freq[v].item<double>(), p, 5 * std::sqrt(p * (1 - p) / double(draws)) + 1e-12)
+          << "position " << pos << " token " << v;
+    }
+  }
+  EXPECT_EQ(at::bincount(a.select(1, 2), {}, 5)[0].item<std::int64_t>(), 0);  // probability 0: never drawn
+}
+
+TEST(Fidelity, DivergenceEqualsAFloat64ComputationAndIsZeroAgainstItself) {
+  at::manual_seed(3);
+  const at::Tensor ref = at::randn({2, 6, 11}) * 3, other = ref + at::randn({2, 6, 11});
+  const Divergence same = next_token_divergence(ref, ref);
+  EXPECT_EQ(same.kl_sum, 0.0);
+  EXPECT_EQ(same.top1_agree, 2 * 5);
+  const Divergence d = next_token_divergence(ref, other);
+  // KL(P || Q) by at::kl_div in float64, over the predicted positions (the last has no next token).
+  const at::Tensor p = at::log_softmax(ref.slice(1, 0, 5).to(at::kDouble), -1);
+  const at::Tensor q = at::log_softmax(other.slice(1, 0, 5).to(at::kDouble), -1);
+  const double expected = at::kl_div(q, p, at::Reduction::Sum, /*log_target=*/true).item<double>();
+  EXPECT_NEAR(d.kl_sum, expected, 1e-5 * expected);
+  EXPECT_GT(d.kl_sum, 0.0);
+  EXPECT_EQ(d.top1_agree, (p.argmax(-1) == q.argmax(-1)).sum().item<std::int64_t>());
+  EXPECT_THROW(next_token_divergence(ref, other.slice(1, 0, 5)), Error);
+}
+
 }  // namespace
 }  // namespace csaq

@@ -2,8 +2,11 @@
 //
 // Samples units (one row of a decoder Linear, or a whole Linear) and formats, quantizes that
 // unit alone exactly as pack would (GPTQ on the salience file's input Hessians; every row on
-// its own parameters), measures the true change of the mean next-token loss on --data, and
-// reports the rank correlation between each cost model's prediction and the truth.
+// its own parameters), measures two true changes on --data — of the mean next-token loss,
+// and the mean KL(P_original || P_moved) per predicted token (the fidelity objective's
+// target) — and reports the rank correlation between each cost model's prediction and each.
+// The last rank keeps the original model's logits of all of --data (sequences × seq-len ×
+// vocabulary × 4 bytes).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -102,7 +105,10 @@ int run_check_costs(const std::vector<std::string>& args, Communicator& comm) {
                                        max_sequences, Sampling::kContiguous, 0);
   data.check_vocabulary(model.config().vocab_size);
   Pipeline pipeline(model, comm, PipelineOptions{1, 1});
-  const double base = pipeline.evaluate(data).mean_nll();
+  std::vector<at::Tensor> base_logits;  // last rank: per sequence
+  const double base = pipeline.evaluate(data, [&](std::int64_t, const at::Tensor&, const at::Tensor& logits) {
+                                base_logits.push_back(logits);
+                              }).mean_nll();
 
   // The sample: the same on every rank (one generator, the config's shapes).
   const auto pairs = option_pairs(sopt);
@@ -134,7 +140,7 @@ int run_check_costs(const std::vector<std::string>& args, Communicator& comm) {
   }
 
   std::map<std::tuple<std::int64_t, int, std::size_t>, at::Tensor> deltas;  // this rank's, computed once
-  at::Tensor truth = at::zeros({samples}, at::kDouble);
+  at::Tensor truth = at::zeros({samples}, at::kDouble), truth_kl = at::zeros({samples}, at::kDouble);
   at::Tensor predicted = at::zeros({static_cast<std::int64_t>(kinds.size()), samples}, at::kDouble);
   ProgressMeter progress("check-costs", "units", samples, comm.rank() == 0);
   for (std::int64_t n = 0; n < samples; ++n) {
@@ -158,32 +164,45 @@ int run_check_costs(const std::vector<std::string>& args, Communicator& comm) {
       else moved += delta;
       model.set_linear_weight(s.layer, s.linear, moved);
     }
-    truth[n] = pipeline.evaluate(data).mean_nll() - base;
+    double kl_sum = 0;
+    const LossTotals moved = pipeline.evaluate(data, [&](std::int64_t m, const at::Tensor&, const at::Tensor& logits) {
+      kl_sum += next_token_divergence(base_logits[static_cast<std::size_t>(m)], logits).kl_sum;
+    });
+    truth[n] = moved.mean_nll() - base;
+    truth_kl[n] = kl_sum / static_cast<double>(std::max<std::int64_t>(1, moved.predicted_tokens));
     if (mine) model.set_linear_weight(s.layer, s.linear, original);
     progress.update(n + 1);
   }
   comm.all_reduce(predicted, ReduceOp::kSum);  // each sample's predictions come from one rank
+  comm.broadcast(truth_kl, comm.size() - 1);    // measured on the last rank
 
   if (comm.rank() == 0) {
-    std::printf("%lld %s units on %s (%lld tokens), base loss %.6f; rank correlation with the true loss change:\n",
+    std::printf("%lld %s units on %s (%lld tokens), base loss %.6f; correlation with the true change of the loss "
+                "and of KL(original || quantized):\n",
                 static_cast<long long>(samples), unit == "row" ? "row" : "Linear", data_path.c_str(),
                 static_cast<long long>(data.tokens()), base);
     json report = {{"command", "check-costs"}, {"csaq_version", CSAQ_VERSION}, {"model", model_dir},
-                   {"profile", profile_path}, {"data", data_path}, {"unit", unit}, {"base_nll", base},
+                   {"profile", profile_path}, {"objective", saved.value("objective", json(nullptr))},
+                   {"data", data_path}, {"unit", unit}, {"base_nll", base},
                    {"bit_options", sopt.bit_options}, {"group_options", sopt.group_options},
                    {"quantizer", quantizer_json(sopt.quantizer, true)}};
     for (std::size_t k = 0; k < kinds.size(); ++k) {
       const at::Tensor p = predicted[static_cast<std::int64_t>(k)];
       const double rho = spearman(p, truth), r = pearson(p, truth);
-      std::printf("  %-10s spearman %6.3f  pearson %6.3f\n", salience_kind_name(kinds[k]), rho, r);
+      const double rho_kl = spearman(p, truth_kl), r_kl = pearson(p, truth_kl);
+      std::printf("  %-10s loss: spearman %6.3f  pearson %6.3f   KL: spearman %6.3f  pearson %6.3f\n",
+                  salience_kind_name(kinds[k]), rho, r, rho_kl, r_kl);
       report["spearman"][salience_kind_name(kinds[k])] = rho;
       report["pearson"][salience_kind_name(kinds[k])] = r;
+      report["spearman_kl"][salience_kind_name(kinds[k])] = rho_kl;
+      report["pearson_kl"][salience_kind_name(kinds[k])] = r_kl;
     }
     json list = json::array();
     for (std::int64_t n = 0; n < samples; ++n) {
       const Sample& s = picks[static_cast<std::size_t>(n)];
       json one = {{"layer", s.layer}, {"linear", kLinearNames.at(s.linear)}, {"row", s.row},
-                  {"bits", pairs[s.pair].first}, {"group", pairs[s.pair].second}, {"true", truth[n].item<double>()}};
+                  {"bits", pairs[s.pair].first}, {"group", pairs[s.pair].second}, {"true", truth[n].item<double>()},
+                  {"true_kl", truth_kl[n].item<double>()}};
       for (std::size_t k = 0; k < kinds.size(); ++k)
         one["predicted"][salience_kind_name(kinds[k])] = predicted[static_cast<std::int64_t>(k)][n].item<double>();
       list.push_back(one);

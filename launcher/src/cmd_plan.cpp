@@ -203,7 +203,7 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
               count_text(static_cast<double>(plan.decoder_weights)).c_str(),
               count_text(static_cast<double>(plan.parameters)).c_str(), world);
   std::printf("%s --method %s --salience %s, %s compute, %lld x %lld tokens per micro-batch, %lld in flight, %lld sequences\n\n",
-              command.c_str(), shape.method.c_str(), pa.salience.c_str(), dtype_name(shape.compute),
+              command.c_str(), shape.method.c_str(), salience_kind_name(pa.kind()), dtype_name(shape.compute),
               static_cast<long long>(shape.batch_size), static_cast<long long>(shape.seq_len),
               static_cast<long long>(shape.in_flight), static_cast<long long>(pa.samples));
   std::printf("%-5s %-9s %10s %12s %10s %10s %11s %10s %10s  %s\n", "rank", "layers", "weights", "accumulators",

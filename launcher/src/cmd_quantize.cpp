@@ -195,7 +195,8 @@ json profile_stage(ModelShard& model, Profiler& profiler, const ProfileArgs& a, 
     if (!last.empty()) std::fprintf(stderr, "; rank correlation %.4f (stop at %.4f)", last.back().rho, a.rho);
     std::fprintf(stderr, "\n");
   }
-  json part = {{"salience", a.salience},
+  json part = {{"salience", salience_kind_name(profiler.options().kind)},
+               {"objective", gradients ? json(a.objective) : json(nullptr)},
                {"gradients", gradients},
                {"early_stop", {{"sequences_used", totals.sequences},
                                {"sequences_available", data.size()},
@@ -467,12 +468,12 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   int threads = 0;
   FormatArgs fa;
   SolveArgs sa;
-  std::string salience = "taylor";
+  std::string salience = "auto";
   po::options_description options("csaq solve options");
   options.add_options()
       ("model", po::value(&model_dir)->required(), "Hugging Face model directory the salience file was made for")
       ("profile", po::value(&profile_path)->required(), "salience file from csaq profile")
-      ("salience", po::value(&salience)->default_value(salience), "cost model: taylor | hessian | pqi | causal | fisher | activation | magnitude");
+      ("salience", po::value(&salience)->default_value(salience), "cost model: auto (the one the salience file was profiled for) | taylor | hessian | pqi | causal | fisher | activation | magnitude");
   fa.add(options);
   sa.add(options);
   options.add_options()
@@ -486,10 +487,11 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   set_threads(threads, comm);
   const auto start = Clock::now();
   const SolverOptions sopt = sa.options("csaq", fa);
-  const SalienceKind kind = parse_salience_kind(salience);
   check_target(model_config(model_dir, comm), sopt);
   ModelShard model = load_model_shard(model_dir, comm.rank(), comm.size());
   const json saved = json::parse(storage::H5File::open_read(profile_path).read_text("profile.json"));
+  if (salience == "auto") salience = saved.value("salience", std::string("taylor"));
+  const SalienceKind kind = parse_salience_kind(salience);
   if (kind == SalienceKind::kPqi) {
     CSAQ_CHECK(saved.contains("pqi"), "salience file '", profile_path,
                "' holds no post-quantization integral; profile with --salience pqi");
@@ -501,7 +503,7 @@ int run_solve(const std::vector<std::string>& args, Communicator& comm) {
   std::unique_ptr<Profiler> profiler = load_profile(profile_path, model, comm, kind);
   json report = base_report("quantize", model_dir, comm);
   report["method"] = "csaq";
-  for (const char* key : {"early_stop", "calibration", "agreement_top5", "pqi"})
+  for (const char* key : {"early_stop", "calibration", "agreement_top5", "pqi", "objective"})
     if (saved.contains(key)) report[key] = saved[key];
   report["salience"] = salience;
   report["time_s"]["profile"] = saved.value("profile_s", 0.0);

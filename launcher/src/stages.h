@@ -45,7 +45,8 @@ namespace po = boost::program_options;
 
 // Options of stage 1.
 struct ProfileArgs {
-  std::string calib, tokenizer, sampling = "random", salience = "taylor", checkpoint_dir, resume = "auto", dtype = "auto";
+  std::string calib, tokenizer, sampling = "random", objective = "fidelity", salience = "auto", checkpoint_dir,
+      resume = "auto", dtype = "auto";
   std::int64_t samples = 64, seq_len = 2048, batch_size = 1, in_flight = 0, candidates = 512, checkpoint_every = 32;
   std::int64_t pqi_samples = 8, pqi_points = 2;
   std::uint64_t seed = 0;
@@ -61,7 +62,8 @@ struct ProfileArgs {
         ("seed", po::value(&seed)->default_value(seed), "seed of the random calibration windows")
         ("samples", po::value(&samples)->default_value(samples), "calibration sequences")
         ("seq-len", po::value(&seq_len)->default_value(seq_len), "tokens per calibration sequence")
-        ("salience", po::value(&salience)->default_value(salience), "cost model: taylor | hessian | pqi | causal | fisher | activation | magnitude (docs/method-choices.md)")
+        ("objective", po::value(&objective)->default_value(objective), "what a unit's cost predicts: fidelity (the increase of KL(P_original || P_quantized) on the calibration tokens: gradients of labels drawn from the model's own distribution) | calibration-loss (the increase of the calibration text's loss: gradients of its labels; adapts the model to that text)")
+        ("salience", po::value(&salience)->default_value(salience), "cost model: auto (hessian for --objective fidelity, taylor for calibration-loss) | taylor | hessian | pqi | causal | fisher | activation | magnitude (docs/method-choices.md)")
         ("pqi-samples", po::value(&pqi_samples)->default_value(pqi_samples), "--salience pqi: calibration sequences per gradient pass")
         ("pqi-points", po::value(&pqi_points)->default_value(pqi_points), "--salience pqi: Gauss-Legendre points of the integral (1-3)")
         ("candidates", po::value(&candidates)->default_value(candidates), "co-activation channels tracked per Linear (K)")
@@ -75,10 +77,31 @@ struct ProfileArgs {
         ("resume", po::value(&resume)->default_value(resume), "auto (continue from the newest checkpoint if any) | never | must")
         ("dtype", po::value(&dtype)->default_value(dtype), "compute dtype: auto (the checkpoint's), float32, bfloat16, float16 (statistics always accumulate in float32)");
   }
+  // The labels of the backward passes; throws UsageError naming the objectives.
+  Labels labels() const {
+    if (objective == "fidelity") return Labels::kSampled;
+    if (objective == "calibration-loss") return Labels::kText;
+    throw UsageError{"--objective must be fidelity or calibration-loss, not '" + objective + "'"};
+  }
+  // --salience with auto resolved by the objective. The first-order terms of taylor and pqi
+  // follow the calibration text's gradient; under the fidelity objective the gradient of the
+  // KL at the original weights is zero (the drawn labels' gradient is noise around it), so
+  // they are refused there.
+  SalienceKind kind() const {
+    const bool fidelity = labels() == Labels::kSampled;
+    if (salience == "auto") return fidelity ? SalienceKind::kHessian : SalienceKind::kTaylor;
+    const SalienceKind k = parse_salience_kind(salience);
+    if (fidelity && (k == SalienceKind::kTaylor || k == SalienceKind::kPqi))
+      throw UsageError{"--salience " + salience + " prices a unit by the calibration text's loss (its first-order term "
+                       "follows that text's gradient); use it with --objective calibration-loss, or --salience hessian "
+                       "(the default) for --objective fidelity"};
+    return k;
+  }
   // Everything that changes what calibration computes (the world size does not).
   nlohmann::json fingerprint_options(bool gradients) const {
     const ProfilerOptions p = options(gradients);
-    return {{"salience", salience}, {"candidates", p.candidates}, {"fire_fraction", p.fire_fraction},
+    return {{"salience", salience_kind_name(p.kind)}, {"objective", gradients ? objective : std::string("none")},
+            {"candidates", p.candidates}, {"fire_fraction", p.fire_fraction},
             {"early_stop", p.early_stop}, {"rho", p.rho}, {"check_every", p.check_every},
             {"min_sequences", p.min_sequences}, {"sample_per_linear", p.sample_per_linear}, {"sample_seed", p.seed},
             {"samples", samples}, {"seq_len", seq_len}, {"sampling", sampling}, {"seed", seed},
@@ -92,6 +115,8 @@ struct ProfileArgs {
     PipelineOptions p{batch_size, in_flight > 0 ? in_flight : (world == 1 ? 1 : 4), gradients};
     p.align = (ProfilerOptions{}.check_every + batch_size - 1) / batch_size;
     p.recompute = recompute;
+    p.labels = labels();
+    p.label_seed = seed;
     return p;
   }
   // `gradients` false: forward passes only (GPTQ needs only the input Hessians). `method`
@@ -107,7 +132,7 @@ struct ProfileArgs {
     if (pqi_samples < 1) throw UsageError{"--pqi-samples must be at least 1"};
     if (pqi_points < 1 || pqi_points > 3) throw UsageError{"--pqi-points must be 1, 2 or 3"};
     ProfilerOptions p;
-    p.kind = parse_salience_kind(salience);
+    p.kind = kind();
     p.candidates = candidates;
     p.rho = rho;
     p.early_stop = gradients && rho <= 1.0;

@@ -46,7 +46,7 @@ bool is_per_weight(SalienceKind kind) {
 
 void ProfilerOptions::keep_for(SalienceKind cost, bool gradients) {
   keep_grad_sum = gradients && (cost == SalienceKind::kTaylor || cost == SalienceKind::kPqi);
-  keep_causal = gradients && (cost == SalienceKind::kCausal || cost == SalienceKind::kHessian);
+  keep_causal = gradients && cost == SalienceKind::kCausal;
   keep_fisher = gradients && cost == SalienceKind::kFisher;
 }
 
@@ -318,11 +318,15 @@ at::Tensor Profiler::global_sample() const {
     const LinearStats& s = stats_[k];
     const std::int64_t slot = s.layer * kNumLinears + s.linear;
     // The statistic the cost depends on most: the mean gradient for taylor and pqi, the
-    // causal salience for hessian (its curvature settles sooner).
-    const at::Tensor v = kind == SalienceKind::kTaylor || kind == SalienceKind::kPqi
-                             ? kept(s.grad_sum, "grad_sum", "taylor").reshape({-1}).index_select(0, sample_index_[k])
-                             : salience_at(s.layer, s.linear, is_per_weight(kind) ? kind : SalienceKind::kCausal,
-                                           sample_index_[k]);
+    // output-gradient energy of the sampled weights' rows for hessian (its curvature factor),
+    // the per-weight salience itself for the others.
+    at::Tensor v;
+    if (kind == SalienceKind::kTaylor || kind == SalienceKind::kPqi)
+      v = kept(s.grad_sum, "grad_sum", "taylor").reshape({-1}).index_select(0, sample_index_[k]);
+    else if (kind == SalienceKind::kHessian)
+      v = s.out_grad_sq.index_select(0, sample_index_[k].div(s.input_abs_sum.size(0), "floor")).to(at::kFloat);
+    else
+      v = salience_at(s.layer, s.linear, kind, sample_index_[k]);
     all.slice(0, slot * m, (slot + 1) * m).copy_(v);
   }
   comm_.all_reduce(all, ReduceOp::kSum);  // each slot is non-zero on exactly one rank

@@ -257,6 +257,40 @@ at::Tensor next_token_nll_sum(const at::Tensor& logits, const at::Tensor& ids) {
   return at::nll_loss(at::log_softmax(pred, -1), target, {}, at::Reduction::Sum);
 }
 
+at::Tensor sample_next_tokens(const at::Tensor& logits, const at::Tensor& ids, std::uint64_t seed) {
+  const std::int64_t batch = logits.size(0), len = logits.size(1), vocab = logits.size(2);
+  const std::int64_t rows = batch * (len - 1);
+  const at::Tensor pred = logits.detach().slice(1, 0, len - 1).reshape({-1, vocab}).to(at::kCPU);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const at::Tensor u = at::rand({rows}, gen, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor drawn = at::empty({rows}, at::kLong);
+  // Blocks of positions whose float64 cumulative sums take about 64 MiB.
+  const std::int64_t block = std::max<std::int64_t>(1, (std::int64_t{8} << 20) / std::max<std::int64_t>(1, vocab));
+  for (std::int64_t r = 0; r < rows; r += block) {
+    const std::int64_t e = std::min(rows, r + block);
+    const at::Tensor cdf = at::softmax(pred.slice(0, r, e).to(at::kDouble), -1).cumsum(-1);
+    // The first token whose cumulative probability exceeds u (scaled by the row's sum, which
+    // rounding leaves a hair off 1); zero-probability tokens are never drawn.
+    const at::Tensor target = (u.slice(0, r, e) * cdf.select(1, vocab - 1)).unsqueeze(1);
+    drawn.slice(0, r, e).copy_(at::searchsorted(cdf, target, /*out_int32=*/false, /*right=*/true).squeeze(1));
+  }
+  drawn.clamp_max_(vocab - 1);
+  return at::cat({ids.slice(1, 0, 1).to(at::kCPU), drawn.reshape({batch, len - 1})}, 1).to(ids.device());
+}
+
+Divergence next_token_divergence(const at::Tensor& reference_logits, const at::Tensor& logits) {
+  CSAQ_CHECK(reference_logits.sizes() == logits.sizes(), "reference logits ", reference_logits.sizes(),
+             " and evaluated logits ", logits.sizes(), " differ in shape");
+  const std::int64_t len = logits.size(1), vocab = logits.size(2);
+  const at::Tensor ref = at::log_softmax(reference_logits.slice(1, 0, len - 1).reshape({-1, vocab}).to(at::kFloat), -1);
+  const at::Tensor lp = at::log_softmax(logits.slice(1, 0, len - 1).reshape({-1, vocab}).to(at::kFloat), -1);
+  Divergence d;
+  // Σ_v p_ref (log p_ref - log p), each position's sum in float64.
+  d.kl_sum = (ref.exp() * (ref - lp)).sum(-1, /*keepdim=*/false, at::kDouble).sum().item<double>();
+  d.top1_agree = (ref.argmax(-1) == lp.argmax(-1)).sum().item<std::int64_t>();
+  return d;
+}
+
 namespace {
 // See load_model_config.
 std::vector<std::string> check_weights_against_config(const ModelConfig& c, const storage::SafetensorsReader& reader,

@@ -19,6 +19,15 @@ int tag(std::int64_t micro_batch, int direction) {
   return static_cast<int>((micro_batch % 16000) * 2 + direction);
 }
 constexpr int kForward = 0;
+
+// The seed of micro-batch m's drawn labels: splitmix64 of the pair, so that neighbouring
+// micro-batches and seeds draw unrelated streams.
+std::uint64_t label_seed(std::uint64_t seed, std::int64_t micro_batch) {
+  std::uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (static_cast<std::uint64_t>(micro_batch) + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
 constexpr int kBackward = 1;
 
 // What one micro-batch keeps between its forward and backward pass on this rank.
@@ -156,7 +165,11 @@ LossTotals Pipeline::calibrate(const TokenSequences& data, const GradientCallbac
         totals.nll_sum += nll_value;
         totals.predicted_tokens += predicted;
         totals.sequences += count;
-        f.loss = nll / static_cast<double>(predicted);
+        const at::Tensor scored =
+            options_.labels == Labels::kSampled && options_.backward
+                ? next_token_nll_sum(logits, sample_next_tokens(logits, f.ids, label_seed(options_.label_seed, m)))
+                : nll;
+        f.loss = scored / static_cast<double>(predicted);
         if (on_logits) on_logits(m, f.ids, logits.detach());
       } else {
         const at::Tensor out = x.detach().contiguous();

@@ -342,12 +342,18 @@ void check_target_reachable(const std::vector<std::pair<std::int64_t, std::int64
   for (const auto& [out, in] : shapes) {
     const std::vector<Format> formats = linear_formats(in, opt.bit_options, opt.group_options);
     weights += double(out) * double(in);
-    const std::size_t f = opt.kind == SolverKind::kUniform ? 1 : formats.size();
+    const bool uniform = opt.kind == SolverKind::kUniform;
+    const std::size_t f = uniform ? 1 : formats.size();
     double least = 1e300, most = 0;
     for (const Format& fm : formats) {
+      // Every row its own unit, or (mixed formats only) one clique of all rows sharing its
+      // leader's parameters: the fewest bits a format takes is the smaller of the two, the
+      // most the larger. Uniform formats have no cliques.
       const UnitBits one = unit_bits(1, out, in, f, fm), all = unit_bits(out, out, in, f, fm);
-      least = std::min(least, double(opt.target_is_total ? one.total() : one.payload) * double(out));
-      most = std::max(most, double(opt.target_is_total ? all.total() : all.payload));
+      const double rows = double(opt.target_is_total ? one.total() : one.payload) * double(out);
+      const double clique = double(opt.target_is_total ? all.total() : all.payload);
+      least = std::min(least, uniform ? rows : std::min(rows, clique));
+      most = std::max(most, uniform ? rows : std::max(rows, clique));
     }
     const double fixed = opt.target_is_total ? double(linear_fixed_bits(f)) : 0.0;
     low += least + fixed;
@@ -357,7 +363,8 @@ void check_target_reachable(const std::vector<std::pair<std::int64_t, std::int64
   CSAQ_CHECK(opt.target_bits * weights >= low, "--target-bits ", opt.target_bits, " is unreachable: with bit options ",
              shape_str(opt.bit_options), " and group options ", shape_str(opt.group_options), " the ", what,
              " bits per weight cannot go below ", low / weights);
-  CSAQ_CHECK(opt.target_bits * weights <= high * (1 + 1e-12), "--target-bits ",
+  // A uniform method takes the widest format that fits, so any budget above its smallest does.
+  CSAQ_CHECK(opt.kind == SolverKind::kUniform || opt.target_bits * weights <= high * (1 + 1e-12), "--target-bits ",
              opt.target_bits, " is unreachable: with bit options ", shape_str(opt.bit_options), " the ", what,
              " bits per weight cannot exceed ", high / weights);
 }
@@ -414,7 +421,9 @@ Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Com
   const auto npairs = static_cast<std::int64_t>(pairs.size());
   // payload, total, bits histogram, format histogram, per layer (total, weights), units
   at::Tensor totals = at::zeros({2 + options + npairs + 2 * num_layers + 1}, at::kLong);
-  double cost = 0;
+  // Predicted cost per layer (each layer on one rank), summed in layer order after the
+  // reduction, so that the total does not depend on how layers are spread over ranks.
+  at::Tensor layer_cost = at::zeros({num_layers}, at::kDouble);
   for (auto& u : units) {
     const LinearInput& in = *u.input;
     const std::int64_t out = in.weight.size(0), cols = in.weight.size(1);
@@ -442,12 +451,12 @@ Plan solve(const std::vector<LinearInput>& linears, std::int64_t num_layers, Com
     totals[2 + options + npairs + 2 * in.layer] += b.total();
     totals[2 + options + npairs + 2 * in.layer + 1] += in.weight.numel();
     totals[2 + options + npairs + 2 * num_layers] += u.leaders.size(0);
-    if (u.cost.defined()) cost += u.cost.gather(1, u.choice.unsqueeze(1)).sum().item<double>();
+    if (u.cost.defined()) layer_cost[in.layer] += u.cost.gather(1, u.choice.unsqueeze(1)).sum().item<double>();
   }
   comm.all_reduce(totals, ReduceOp::kSum);
-  at::Tensor cost_sum = at::tensor({cost}, at::kDouble);
-  comm.all_reduce(cost_sum, ReduceOp::kSum);
-  s.predicted_cost = cost_sum.item<double>();
+  comm.all_reduce(layer_cost, ReduceOp::kSum);
+  s.predicted_cost = 0;
+  for (std::int64_t l = 0; l < num_layers; ++l) s.predicted_cost += layer_cost[l].item<double>();
   s.payload_bits = totals[0].item<std::int64_t>();
   s.total_bits = totals[1].item<std::int64_t>();
   CSAQ_ASSERT(!opt.target_is_total || s.total_bits <= s.budget_bits, "plan exceeds its budget");

@@ -59,7 +59,7 @@ int input_of(int linear);
 struct ProfilerOptions {
   // The cost model; its per-weight signal (causal for the non-per-weight kinds) ranks clique
   // leaders, and early stopping tracks the statistic it depends on most (the mean gradient
-  // for taylor and pqi).
+  // for taylor and pqi, the output-gradient energy for hessian).
   SalienceKind kind = SalienceKind::kTaylor;
   std::int64_t candidates = 512;              // K: co-activation channels tracked per Linear
   double fire_fraction = 0.10;
@@ -81,8 +81,9 @@ struct ProfilerOptions {
   bool keep_causal = true;
   bool keep_fisher = true;
   // Keeps only what cost model `kind` needs: grad_sum for taylor and pqi (the mean gradient
-  // and their early stopping), fisher for fisher, causal for causal and hessian (hessian's
-  // early stopping). Clique leaders need only the causal row sums, always kept.
+  // and their early stopping), fisher for fisher, causal for causal; hessian needs none (its
+  // early stopping tracks the output-gradient energy). Clique leaders need only the causal
+  // row sums, always kept.
   void keep_for(SalienceKind cost, bool gradients);
 };
 

@@ -160,4 +160,21 @@ std::vector<std::pair<std::string, at::Tensor>> random_model_weights(const Model
 // predicted positions (float32 result, differentiable).
 at::Tensor next_token_nll_sum(const at::Tensor& logits, const at::Tensor& ids);
 
+// Next-token labels drawn from the model's own predictive distribution, laid out as ids
+// [b, L] are for next_token_nll_sum: position 0 is ids' own, position t >= 1 one draw from
+// softmax(logits[:, t-1]). The gradient of next_token_nll_sum(logits, these) is an unbiased
+// sample of the Fisher of the model's distribution (the Hessian of the KL divergence from it),
+// where the text's labels give the empirical Fisher of the text. Deterministic in `seed` and
+// the logits alone (inverse-CDF draws in float64, in blocks of positions, so memory stays
+// at a block's vocabulary-wide sums).
+at::Tensor sample_next_tokens(const at::Tensor& logits, const at::Tensor& ids, std::uint64_t seed);
+
+// KL(P_ref || P) summed over the b*(L-1) predicted positions of two logits [b, L, V] (float64
+// result), and how many of those positions have the same most likely token in both.
+struct Divergence {
+  double kl_sum = 0.0;
+  std::int64_t top1_agree = 0;
+};
+Divergence next_token_divergence(const at::Tensor& reference_logits, const at::Tensor& logits);
+
 }  // namespace csaq

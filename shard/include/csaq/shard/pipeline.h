@@ -28,12 +28,21 @@
 
 namespace csaq {
 
+// The labels of the loss the backward pass differentiates: the text's next tokens (its
+// cross-entropy: the calibration loss), or tokens drawn from the model's own predictive
+// distribution at each position (sample_next_tokens; micro-batch m draws with a seed made
+// from label_seed and m, so resumed and re-run passes draw the same). The reported loss
+// totals are always the text's.
+enum class Labels { kText, kSampled };
+
 struct PipelineOptions {
   std::int64_t micro_batch_size = 1;  // sequences per micro-batch
   std::int64_t in_flight = 4;         // micro-batches forwarded before their backward passes
   bool backward = true;               // false: calibrate runs forward passes only (no gradients)
   std::int64_t align = 0;             // > 0: no round crosses a multiple of this many micro-batches
   bool recompute = false;             // keep layer inputs only; re-run each layer's forward in backward
+  Labels labels = Labels::kText;      // what the backward pass's loss scores (see Labels)
+  std::uint64_t label_seed = 0;
 };
 
 struct LossTotals {
@@ -51,7 +60,8 @@ struct ResumePoint {
 };
 
 // dLoss/dW of one decoder layer's Linear weights (kLinearNames order) for one micro-batch,
-// where Loss is that micro-batch's mean next-token cross-entropy.
+// where Loss is that micro-batch's mean next-token cross-entropy against PipelineOptions'
+// labels.
 struct LayerGradients {
   std::int64_t micro_batch = 0;
   const DecoderLayer* layer = nullptr;

@@ -99,9 +99,10 @@ struct Plan {
 };
 
 // Checks before any expensive work that the target can be met for `shapes` ([out, in] of
-// every decoder Linear of the model): with every row its own leader in the cheapest format
-// it must fit, and it must not exceed one clique per Linear in the widest format. Throws
-// naming the achievable range.
+// every decoder Linear of the model): the cheapest way to store every Linear must fit, and,
+// for the mixed-format solvers, the target must not exceed the most bits the widest format
+// can take (uniform methods take the widest format that fits, so no target is too large for
+// them). Throws naming the achievable bound.
 void check_target_reachable(const std::vector<std::pair<std::int64_t, std::int64_t>>& shapes,
                             const SolverOptions& options);
 
