@@ -118,6 +118,20 @@ TEST_F(ToyCalibration, HessiansAndOutputGradientEnergyEqualADirectComputation) {
     EXPECT_LT(test::rel_error(s.out_grad_sq, energy[{s.layer, s.linear}]), 1e-5);
     EXPECT_LT(test::rel_error(profiler_.linear_hessian(s.layer, s.linear), hessian[{s.layer, s.linear}]), 1e-5);
   }
+  // The second-order cost (the fidelity objective's default) of a change Δ of each row is
+  // ½ Δ_r H Δ_rᵀ · energy_r / M², from the directly computed energy and H, in float64.
+  at::manual_seed(5);
+  const double m2 = double(data_.size()) * double(data_.size());
+  for (const auto& s : profiler_.stats()) {
+    SCOPED_TRACE(hf_linear_name(s.layer, s.linear));
+    const at::Tensor delta = at::randn(profiler_.weights(s.layer, s.linear).weight.sizes()) * 0.01;
+    const at::Tensor d = delta.to(at::kDouble), h = hessian[{s.layer, s.linear}].to(at::kDouble);
+    const at::Tensor direct = energy[{s.layer, s.linear}] * (d.matmul(h) * d).sum(1) / (2 * m2);
+    const at::Tensor cost = profiler_.row_cost(s.layer, s.linear, SalienceKind::kHessian, delta, 0);
+    ASSERT_EQ(cost.sizes(), direct.sizes());
+    EXPECT_LT(test::rel_error(cost, direct), 1e-5);
+    EXPECT_GT(direct.min().item<double>(), 0.0);
+  }
   EXPECT_TRUE(profiler_.linear_hessian(0, 0).is_same(profiler_.linear_hessian(0, 2)));  // q, k, v share one input
   EXPECT_FALSE(profiler_.linear_hessian(0, 4).is_same(profiler_.linear_hessian(0, 3)));
   EXPECT_EQ(profiler_.hessian_tokens(1, input_of(6)), data_.tokens());
