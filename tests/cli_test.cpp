@@ -487,6 +487,34 @@ TEST(CliQuantize, FidelityObjectiveDrawsItsLabelsFromTheModelAndKeepsNoPerWeight
   EXPECT_NE(r.output.find("--objective must be fidelity or calibration-loss"), std::string::npos) << r.output;
 }
 
+TEST(CliQuantize, TheDefaultCostRanksUnitsByTheirTrueKlChangeOnTinyStories) {
+  // The fidelity objective's cost (½ΔᵀGΔ, G from labels drawn from the model) against the
+  // measured KL(original || quantized) of quantizing one unit alone, on held-out text.
+  // Measured: Spearman 0.990 over 24 Linears, 0.980 over 40 rows (activation proxy 0.911,
+  // magnitude 0.879 over the same rows).
+  CSAQ_REQUIRE_SHARED(model_dir, "models/tinystories-656k");
+  CSAQ_REQUIRE_SHARED(calib, "data/tinystories-calib.npy");
+  CSAQ_REQUIRE_SHARED(heldout, "data/tinystories-heldout.npy");
+  TempDir dir;
+  const std::string model = " --model " + model_dir;
+  Result r = run(csaq() + " profile" + model + " --calib " + calib + " --seq-len 512 --samples 16 --threads 1 --out " +
+                 (dir / "s.h5"));
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const std::string check = csaq() + " check-costs" + model + " --profile " + (dir / "s.h5") + " --data " + heldout +
+                            " --seq-len 512 --max-sequences 4 --threads 1";
+  r = run(check + " --unit linear --samples 24 --report " + (dir / "linears.json"), 300);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run(check + " --unit row --samples 40 --report " + (dir / "rows.json"), 300);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const json linears = read_json(dir / "linears.json"), rows = read_json(dir / "rows.json");
+  EXPECT_EQ(rows["objective"], "fidelity");
+  EXPECT_GE(linears["spearman_kl"]["hessian"].get<double>(), 0.95) << linears["spearman_kl"].dump();
+  EXPECT_GE(rows["spearman_kl"]["hessian"].get<double>(), 0.95) << rows["spearman_kl"].dump();
+  for (const char* other : {"activation", "magnitude"})
+    EXPECT_GT(rows["spearman_kl"]["hessian"].get<double>(), rows["spearman_kl"][other].get<double>()) << other;
+  for (const auto& one : rows["samples"]) EXPECT_GT(one["true_kl"].get<double>(), 0.0) << one.dump();
+}
+
 TEST(CliQuantize, PerWeightStatisticsKeptOrNotGiveTheSameCheckpoint) {
   // Clique leaders come from the causal row sums, kept whatever the cost model; the
   // per-weight causal salience only adds agreement_top5 to the report.
