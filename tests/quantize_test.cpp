@@ -500,6 +500,35 @@ TEST(Gptq, LowersTheOutputErrorBelowRoundToNearest) {
   EXPECT_LT(output_error(g.values), 0.8 * output_error(quantize_nearest(c.w, c.spec).values));
 }
 
+TEST(Gptq, RefinementLowersEveryRowsOutputErrorAndKeepsCodesAndValuesConsistent) {
+  GptqCase c;
+  auto row_error = [&](const at::Tensor& q) {
+    const at::Tensor d = (q - c.w).to(at::kDouble);
+    return (d.matmul(c.h.to(at::kDouble)) * d).sum(1);  // per row ‖Δ_r X‖²
+  };
+  const Quantized g = quantize_gptq(c.w, c.spec, gptq_factor(c.h, QuantizerOptions{}), 8);
+  const Quantized r = refine_codes(c.w, c.spec, c.h, g, 4);
+  EXPECT_TRUE(at::equal(dequantize(r.codes, c.spec), r.values));  // what pack stores is what was priced
+  const at::Tensor before = row_error(g.values), after = row_error(r.values);
+  EXPECT_TRUE((after <= before * (1 + 1e-5) + 1e-9).all().item<bool>()) << before << after;
+  EXPECT_LT(after.sum().item<double>(), 0.97 * before.sum().item<double>());
+  const at::Tensor full = (c.bits == 16).nonzero().reshape({-1});
+  EXPECT_TRUE(at::equal(r.codes.index_select(0, full), g.codes.index_select(0, full)));  // fp16 rows untouched
+  const at::Tensor coded = (c.bits <= 8).unsqueeze(1);
+  const at::Tensor qmax = (at::pow(2.0, c.bits.clamp_max(8).to(at::kDouble)) - 1).to(at::kLong).unsqueeze(1);
+  EXPECT_TRUE(at::logical_or(~coded, at::logical_and(r.codes >= 0, r.codes <= qmax)).all().item<bool>());
+  // Rows are refined independently: a subset of rows alone gives the same rows.
+  const at::Tensor some = at::tensor({0, 3, 4, 9}, at::kLong);
+  const RowSpec sub{c.spec.bits.index_select(0, some), c.spec.group.index_select(0, some),
+                    c.spec.scale.index_select(0, some), c.spec.zero.index_select(0, some)};
+  const Quantized gs{g.codes.index_select(0, some), g.values.index_select(0, some)};
+  EXPECT_TRUE(at::allclose(refine_codes(c.w.index_select(0, some), sub, c.h, gs, 4).values,
+                           r.values.index_select(0, some), 1e-5, 1e-6));
+  // Round-to-nearest refined moves toward GPTQ's error or below it.
+  const Quantized rn = refine_codes(c.w, c.spec, c.h, quantize_nearest(c.w, c.spec), 4);
+  EXPECT_LT(row_error(rn.values).sum().item<double>(), row_error(quantize_nearest(c.w, c.spec).values).sum().item<double>());
+}
+
 // Plans for a Linear of `out` rows: formats, row formats, leaders.
 LinearPlan mixed_plan(std::int64_t out, std::int64_t in, std::uint64_t seed) {
   at::manual_seed(seed);
@@ -520,9 +549,11 @@ TEST(Packer, UnpackReproducesTheQuantizerExactlyWithFollowersOnTheirLeadersParam
   const at::Tensor x = at::randn({100, 32});
   const at::Tensor h = x.t().matmul(x);
   const LinearPlan lp = mixed_plan(20, 32, 3);
-  for (const at::Tensor& hessian : {at::Tensor(), h}) {
-    const PackedLinear p = pack_linear(w, lp, hessian, QuantizerOptions{});
-    const QuantizedLinear q = quantize_linear(w, lp, hessian, QuantizerOptions{});
+  QuantizerOptions refined;
+  refined.refine_sweeps = 4;
+  for (const auto& [hessian, opt] : {std::pair{at::Tensor(), QuantizerOptions{}}, {h, QuantizerOptions{}}, {h, refined}}) {
+    const PackedLinear p = pack_linear(w, lp, hessian, opt);
+    const QuantizedLinear q = quantize_linear(w, lp, hessian, opt);
     EXPECT_TRUE(at::equal(unpack_linear(p), q.q.values));
     EXPECT_EQ(p.followers, 3);
     EXPECT_TRUE(at::equal(q.spec.scale[1], q.spec.scale[0]));

@@ -58,19 +58,23 @@ void FormatArgs::add(po::options_description& o) {
   o.add_options()
       ("bit-options", po::value(&bit_options)->default_value(bit_options), "allowed bits per weight, any of 1,2,3,4,8,16")
       ("group-options", po::value(&group_options)->default_value(group_options), "allowed weights per scale along a row (-1: whole rows); the solver picks one per unit")
-      ("quantizer", po::value(&quantizer)->default_value(quantizer), "gptq (error compensation on the input Hessian) | rtn (round to nearest); both with clip search");
+      ("quantizer", po::value(&quantizer)->default_value(quantizer), "gptq (error compensation on the input Hessian) | rtn (round to nearest); both with clip search")
+      ("refine-sweeps", po::value(&refine_sweeps), "coordinate-descent passes over the codes after GPTQ or rounding, against each row's output error on the input Hessian (default: 4 for --method csaq, 0 for the uniform baselines, which run as GPTQ and round-to-nearest tools do)");
 }
 
-void FormatArgs::apply(SolverOptions& s) const {
+void FormatArgs::apply(SolverOptions& s, const std::string& method) const {
   s.bit_options = parse_bit_options(bit_options);
   s.group_options = parse_group_options(group_options);
   if (quantizer != "gptq" && quantizer != "rtn") throw UsageError{"--quantizer must be gptq or rtn"};
   s.quantizer.gptq = quantizer == "gptq";
+  if (refine_sweeps < -1) throw UsageError{"--refine-sweeps must be 0 or more"};
+  s.quantizer.refine_sweeps = refine_sweeps >= 0 ? refine_sweeps : method == "csaq" ? 4 : 0;
 }
 
 json quantizer_json(const QuantizerOptions& q, bool hessian) {
   return {{"kind", q.gptq ? "gptq" : "rtn"}, {"hessian", hessian}, {"damp", q.damp}, {"act_order", q.act_order},
-          {"block", q.block}, {"clip_steps", q.clip_steps}, {"max_shrink", q.max_shrink}};
+          {"block", q.block}, {"clip_steps", q.clip_steps}, {"max_shrink", q.max_shrink},
+          {"refine_sweeps", q.refine_sweeps}};
 }
 
 QuantizerOptions quantizer_from_json(const json& j) {
@@ -81,6 +85,7 @@ QuantizerOptions quantizer_from_json(const json& j) {
   q.block = j.at("block");
   q.clip_steps = j.at("clip_steps");
   q.max_shrink = j.at("max_shrink");
+  q.refine_sweeps = j.value("refine_sweeps", 0);  // plans written before refinement existed
   return q;
 }
 

@@ -162,7 +162,10 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   std::int64_t clique_work = 0;
   if (run.gradients())
     for (const auto& l : linears) clique_work = std::max(clique_work, 3 * 8 * std::min(l.out, p.candidates) * std::min(l.out, p.candidates));
-  const std::int64_t quantize_work = kQuantizeBytesPerWeight * largest + factor;
+  // Refinement (--refine-sweeps) adds its copies of the codes and values and the running
+  // Δ H, 16 bytes per weight of the Linear it works on.
+  const bool refine = run.solver.quantizer.refine_sweeps > 0 && p.hessians && run.calibrates();
+  const std::int64_t quantize_work = (kQuantizeBytesPerWeight + (refine ? 16 : 0)) * largest + factor;
 
   // FLOPs per token and layer: forward 2 per weight plus attention (QKᵀ and PV on the full
   // square: 4·L·q), backward twice that (input and weight gradients); Hessians one
@@ -182,7 +185,10 @@ RunPlan plan_run(const ModelConfig& c, int world, const RunShape& run, std::int6
   double solve_layer = 0, pack_layer = 0;
   for (const auto& l : linears) {
     const double w = static_cast<double>(l.weights()), in = static_cast<double>(l.in);
-    const double quantize = (gptq ? 2.0 * w * in : 0.0) + (run.solver.quantizer.clip_steps + 1) * kClipFlopsPerWeight * w;
+    // (refinement: Δ H once, then 2·out·in per column moved, at most `sweeps` passes: counted
+    // as one pass's worth, 2·out·in², plus the product.)
+    const double quantize = (gptq ? 2.0 * w * in : 0.0) + (run.solver.quantizer.clip_steps + 1) * kClipFlopsPerWeight * w +
+                            (refine ? 4.0 * w * in : 0.0);
     if (!uniform) solve_layer += formats * (quantize + (run.gradients() && second_order ? 2.0 * w * in : 0.0));
     pack_layer += quantize;
   }

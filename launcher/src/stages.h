@@ -19,9 +19,12 @@ namespace csaq::cli {
 // The formats a run may choose from and the quantizer that makes them.
 struct FormatArgs {
   std::string bit_options = "2,3,4,8", group_options = "32,128", quantizer = "gptq";
+  int refine_sweeps = -1;  // -1: the method's default
   void add(boost::program_options::options_description& o);
-  // Sets the formats and the quantizer of `s`; throws UsageError on bad values.
-  void apply(SolverOptions& s) const;
+  // Sets the formats and the quantizer of `s` for `method` (csaq, gptq or rtn: the uniform
+  // baselines run as their own tools do, without refinement, unless asked); throws
+  // UsageError on bad values.
+  void apply(SolverOptions& s, const std::string& method = "csaq") const;
 };
 
 nlohmann::json quantizer_json(const QuantizerOptions& q, bool hessian);
@@ -166,7 +169,7 @@ struct SolveArgs {
     if (!(clique_threshold >= 0) || !std::isfinite(clique_threshold))
       throw UsageError{"--clique-threshold must be a Jaccard similarity, 0 to 1 (above 1: no cliques)"};
     SolverOptions s;
-    formats.apply(s);
+    formats.apply(s, method);
     s.kind = method == "csaq" ? parse_solver_kind(solver) : SolverKind::kUniform;
     if (method == "gptq") {
       if (formats.quantizer != "gptq") throw UsageError{"--method gptq quantizes with GPTQ; drop --quantizer " + formats.quantizer};

@@ -208,6 +208,42 @@ Quantized quantize_gptq(const at::Tensor& weight, const RowSpec& spec, const Gpt
   return out;
 }
 
+Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::Tensor& hessian, const Quantized& start,
+                       int sweeps) {
+  const std::int64_t in = weight.size(1);
+  const at::Tensor h = hessian.to(at::kFloat);
+  const at::Tensor qmax = qmax_of(spec), coded = spec.bits <= kMaxCodeBits, zero = at::zeros_like(qmax);
+  Quantized q{start.codes.clone(), start.values.to(at::kFloat).clone()};
+  // Δ H per row: the gradient of ½ Δ H Δᵀ, kept up to date as codes move.
+  at::Tensor grad = at::matmul(q.values - weight.detach().to(at::kFloat), h);
+  const at::Tensor order = std::get<1>(at::sort(h.diagonal(), /*stable=*/true, 0, /*descending=*/true));
+  const at::Tensor diag = h.diagonal().index_select(0, order);
+  for (int sweep = 0; sweep < sweeps; ++sweep) {
+    bool changed = false;
+    for (std::int64_t k = 0; k < in; ++k) {
+      const float hjj = diag[k].item<float>();
+      if (!(hjj > 0)) continue;
+      const std::int64_t j = order[k].item<std::int64_t>();
+      const at::Tensor idx = param_index(spec, at::full({1}, j, at::kLong)).squeeze(1);
+      const at::Tensor sj = spec.scale.gather(1, idx.unsqueeze(1)).squeeze(1);
+      const at::Tensor zj = spec.zero.gather(1, idx.unsqueeze(1)).squeeze(1);
+      const at::Tensor v = q.values.select(1, j);
+      // Along this coordinate the error is a parabola with its minimum at v - grad_j / H_jj;
+      // the code nearest that minimum is the best one.
+      const at::Tensor code = at::minimum(at::maximum(at::round((v - grad.select(1, j) / hjj) / sj) + zj, zero), qmax);
+      const at::Tensor moved = at::logical_and(coded, code != q.codes.select(1, j).to(at::kFloat));
+      if (!moved.any().item<bool>()) continue;
+      changed = true;
+      const at::Tensor next = at::where(moved, (code - zj) * sj, v);  // exactly what dequantize gives
+      grad.add_((next - v).unsqueeze(1) * h.select(0, j).unsqueeze(0));
+      v.copy_(next);
+      q.codes.select(1, j).copy_(at::where(moved, code.to(at::kLong), q.codes.select(1, j)));
+    }
+    if (!changed) break;
+  }
+  return q;
+}
+
 const GptqFactor& GptqFactorCache::get(const at::Tensor& hessian, const QuantizerOptions& options) {
   if (!hessian_.defined() || !hessian_.is_same(hessian)) {
     factor_ = GptqFactor();

@@ -81,8 +81,11 @@ void for_each_format(const at::Tensor& weight, const at::Tensor& row_leader, con
     const Format& fm = formats[f];
     const at::Tensor bits = at::full({out}, fm.bits, at::kLong), group = at::full({out}, fm.group, at::kLong);
     const RowSpec spec = make_row_spec(weight, bits, group, row_leader, column_weight, opt);
-    fn(f, gptq && fm.bits <= kMaxCodeBits ? quantize_gptq(weight, spec, cache.get(hessian, opt), opt.block)
-                                          : quantize_nearest(weight, spec));
+    Quantized q = gptq && fm.bits <= kMaxCodeBits ? quantize_gptq(weight, spec, cache.get(hessian, opt), opt.block)
+                                                  : quantize_nearest(weight, spec);
+    if (opt.refine_sweeps > 0 && hessian.defined() && fm.bits <= kMaxCodeBits)
+      q = refine_codes(weight, spec, hessian, q, opt.refine_sweeps);
+    fn(f, q);
   }
 }
 
@@ -482,6 +485,8 @@ QuantizedLinear quantize_linear(const at::Tensor& weight, const LinearPlan& plan
                            hessian.defined() ? hessian.diagonal() : at::Tensor(), opt);
   const bool gptq = opt.gptq && hessian.defined() && (bits <= kMaxCodeBits).any().item<bool>();
   out.q = gptq ? quantize_gptq(weight, out.spec, cache.get(hessian, opt), opt.block) : quantize_nearest(weight, out.spec);
+  if (opt.refine_sweeps > 0 && hessian.defined() && (bits <= kMaxCodeBits).any().item<bool>())
+    out.q = refine_codes(weight, out.spec, hessian, out.q, opt.refine_sweeps);
   return out;
 }
 

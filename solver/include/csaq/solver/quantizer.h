@@ -13,7 +13,8 @@
 // Codes come from round-to-nearest, or from GPTQ: columns are quantized one at a time (in
 // order of decreasing H_jj with act-order) and each one's error is pushed onto the columns not
 // yet quantized through the Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, so that the
-// Linear's output error ‖ΔW X‖ is what is minimised. Rows are independent of each other in
+// Linear's output error ‖ΔW X‖ is what is minimised; then, with refine_sweeps, coordinate
+// descent on the codes against that same error (refine_codes). Rows are independent of each other in
 // both, so every row gets the same result whatever the formats of the other rows.
 #pragma once
 
@@ -51,6 +52,7 @@ struct QuantizerOptions {
   std::int64_t block = 128;  // GPTQ columns per lazy-update block
   int clip_steps = 20;     // 0: plain min/max ranges
   double max_shrink = 0.5;
+  int refine_sweeps = 0;   // coordinate-descent passes over the codes afterwards (refine_codes)
 };
 
 // Scales and zero-points of rows [n, in] at `bits` (<= 8) and `group`: [n, in / group]
@@ -96,6 +98,16 @@ struct GptqFactor {
 GptqFactor gptq_factor(const at::Tensor& hessian, const QuantizerOptions& options);
 Quantized quantize_gptq(const at::Tensor& weight, const RowSpec& spec, const GptqFactor& factor,
                         std::int64_t block = 128);
+
+// Coordinate descent on the codes of `start` against each row's output error Δ H Δᵀ
+// (Δ = values - weight), the parameters fixed: column by column (by decreasing H_jj), each
+// coded weight moves to the code nearest the minimiser of the error along that coordinate;
+// `sweeps` passes at most, fewer once a pass changes nothing. GPTQ is greedy (each column is
+// rounded once, its error pushed onto the later ones); this lets earlier columns answer the
+// later ones' rounding. No row's Δ H Δᵀ increases (up to float32 rounding); rows stay
+// independent of each other.
+Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::Tensor& hessian, const Quantized& start,
+                       int sweeps);
 
 // The factor of the last Hessian asked for, reused while the same tensor is asked for again
 // (q/k/v share one input and so one factor, gate/up another, and they come one after the
