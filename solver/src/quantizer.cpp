@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -209,35 +210,58 @@ Quantized quantize_gptq(const at::Tensor& weight, const RowSpec& spec, const Gpt
 }
 
 Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::Tensor& hessian, const Quantized& start,
-                       int sweeps) {
-  const std::int64_t in = weight.size(1);
-  const at::Tensor h = hessian.to(at::kFloat);
-  const at::Tensor qmax = qmax_of(spec), coded = spec.bits <= kMaxCodeBits, zero = at::zeros_like(qmax);
+                       int sweeps, std::int64_t block) {
+  const std::int64_t n = weight.size(0), in = weight.size(1);
+  const at::Tensor h = hessian.to(at::kFloat).contiguous();
+  const at::Tensor qmax = qmax_of(spec).contiguous();
+  const at::Tensor coded = (spec.bits <= kMaxCodeBits).to(at::kByte).contiguous();
   Quantized q{start.codes.clone(), start.values.to(at::kFloat).clone()};
-  // Δ H per row: the gradient of ½ Δ H Δᵀ, kept up to date as codes move.
+  // Δ H per row: the gradient of ½ Δ H Δᵀ, kept up to date as codes move: within a block of
+  // columns at once, for the other columns after each block (as GPTQ's lazy updates).
   at::Tensor grad = at::matmul(q.values - weight.detach().to(at::kFloat), h);
   const at::Tensor order = std::get<1>(at::sort(h.diagonal(), /*stable=*/true, 0, /*descending=*/true));
-  const at::Tensor diag = h.diagonal().index_select(0, order);
+  const float* qm = qmax.data_ptr<float>();
+  const std::uint8_t* cd = coded.data_ptr<std::uint8_t>();
   for (int sweep = 0; sweep < sweeps; ++sweep) {
     bool changed = false;
-    for (std::int64_t k = 0; k < in; ++k) {
-      const float hjj = diag[k].item<float>();
-      if (!(hjj > 0)) continue;
-      const std::int64_t j = order[k].item<std::int64_t>();
-      const at::Tensor idx = param_index(spec, at::full({1}, j, at::kLong)).squeeze(1);
-      const at::Tensor sj = spec.scale.gather(1, idx.unsqueeze(1)).squeeze(1);
-      const at::Tensor zj = spec.zero.gather(1, idx.unsqueeze(1)).squeeze(1);
-      const at::Tensor v = q.values.select(1, j);
-      // Along this coordinate the error is a parabola with its minimum at v - grad_j / H_jj;
-      // the code nearest that minimum is the best one.
-      const at::Tensor code = at::minimum(at::maximum(at::round((v - grad.select(1, j) / hjj) / sj) + zj, zero), qmax);
-      const at::Tensor moved = at::logical_and(coded, code != q.codes.select(1, j).to(at::kFloat));
-      if (!moved.any().item<bool>()) continue;
+    for (std::int64_t b0 = 0; b0 < in; b0 += block) {
+      const at::Tensor cols = order.slice(0, b0, std::min(in, b0 + block));
+      const std::int64_t count = cols.size(0);
+      // Block columns as rows ([count, n], contiguous) so that each column is one run.
+      const at::Tensor hb = h.index_select(0, cols).index_select(1, cols).contiguous();
+      const at::Tensor idx = param_index(spec, cols);
+      const at::Tensor sc = spec.scale.gather(1, idx).t().contiguous(), ze = spec.zero.gather(1, idx).t().contiguous();
+      at::Tensor g = grad.index_select(1, cols).t().contiguous(), v = q.values.index_select(1, cols).t().contiguous();
+      at::Tensor c = q.codes.index_select(1, cols).t().contiguous();
+      at::Tensor moves = at::zeros({count, n}, at::kFloat);
+      float *gp = g.data_ptr<float>(), *vp = v.data_ptr<float>(), *mp = moves.data_ptr<float>();
+      std::int64_t* cp = c.data_ptr<std::int64_t>();
+      const float *hp = hb.data_ptr<float>(), *sp = sc.data_ptr<float>(), *zp = ze.data_ptr<float>();
+      bool block_changed = false;
+      for (std::int64_t i = 0; i < count; ++i) {
+        const float hii = hp[i * count + i];
+        if (!(hii > 0)) continue;
+        for (std::int64_t r = 0; r < n; ++r) {
+          if (!cd[r]) continue;
+          const std::int64_t e = i * n + r;
+          // Along this coordinate the error is a parabola with its minimum at v - grad / H_jj;
+          // the code nearest that minimum is the best one.
+          const float code = std::min(std::max(std::nearbyint((vp[e] - gp[e] / hii) / sp[e]) + zp[e], 0.0f), qm[r]);
+          if (code == static_cast<float>(cp[e])) continue;
+          const float next = (code - zp[e]) * sp[e];  // exactly what dequantize gives
+          const float delta = next - vp[e];
+          for (std::int64_t k = 0; k < count; ++k) gp[k * n + r] += delta * hp[i * count + k];
+          mp[e] += delta;
+          vp[e] = next;
+          cp[e] = static_cast<std::int64_t>(code);
+          block_changed = true;
+        }
+      }
+      if (!block_changed) continue;
       changed = true;
-      const at::Tensor next = at::where(moved, (code - zj) * sj, v);  // exactly what dequantize gives
-      grad.add_((next - v).unsqueeze(1) * h.select(0, j).unsqueeze(0));
-      v.copy_(next);
-      q.codes.select(1, j).copy_(at::where(moved, code.to(at::kLong), q.codes.select(1, j)));
+      grad.add_(at::matmul(moves.t(), h.index_select(0, cols)));
+      q.values.index_copy_(1, cols, v.t());
+      q.codes.index_copy_(1, cols, c.t());
     }
     if (!changed) break;
   }

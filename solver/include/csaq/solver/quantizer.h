@@ -107,7 +107,7 @@ Quantized quantize_gptq(const at::Tensor& weight, const RowSpec& spec, const Gpt
 // later ones' rounding. No row's Δ H Δᵀ increases (up to float32 rounding); rows stay
 // independent of each other.
 Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::Tensor& hessian, const Quantized& start,
-                       int sweeps);
+                       int sweeps, std::int64_t block = 128);
 
 // The factor of the last Hessian asked for, reused while the same tensor is asked for again
 // (q/k/v share one input and so one factor, gate/up another, and they come one after the
