@@ -202,8 +202,9 @@ int run_plan(const std::vector<std::string>& args, Communicator& comm) {
               c.model_type.c_str(), out["model"].get<std::string>().c_str(), static_cast<long long>(c.num_layers),
               count_text(static_cast<double>(plan.decoder_weights)).c_str(),
               count_text(static_cast<double>(plan.parameters)).c_str(), world);
-  std::printf("%s --method %s --salience %s, %s compute, %lld x %lld tokens per micro-batch, %lld in flight, %lld sequences\n\n",
-              command.c_str(), shape.method.c_str(), salience_kind_name(pa.kind()), dtype_name(shape.compute),
+  std::printf("%s --method %s --objective %s --salience %s, %s compute, %lld x %lld tokens per micro-batch, %lld in flight, "
+              "%lld sequences\n\n",
+              command.c_str(), shape.method.c_str(), pa.objective.c_str(), salience_kind_name(pa.kind()), dtype_name(shape.compute),
               static_cast<long long>(shape.batch_size), static_cast<long long>(shape.seq_len),
               static_cast<long long>(shape.in_flight), static_cast<long long>(pa.samples));
   std::printf("%-5s %-9s %10s %12s %10s %10s %11s %10s %10s  %s\n", "rank", "layers", "weights", "accumulators",
