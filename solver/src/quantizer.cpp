@@ -227,13 +227,13 @@ Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::
     for (std::int64_t b0 = 0; b0 < in; b0 += block) {
       const at::Tensor cols = order.slice(0, b0, std::min(in, b0 + block));
       const std::int64_t count = cols.size(0);
-      // Block columns as rows ([count, n], contiguous) so that each column is one run.
+      // The block's columns, [n, count] contiguous: a row's running Δ H is one run in memory.
       const at::Tensor hb = h.index_select(0, cols).index_select(1, cols).contiguous();
       const at::Tensor idx = param_index(spec, cols);
-      const at::Tensor sc = spec.scale.gather(1, idx).t().contiguous(), ze = spec.zero.gather(1, idx).t().contiguous();
-      at::Tensor g = grad.index_select(1, cols).t().contiguous(), v = q.values.index_select(1, cols).t().contiguous();
-      at::Tensor c = q.codes.index_select(1, cols).t().contiguous();
-      at::Tensor moves = at::zeros({count, n}, at::kFloat);
+      const at::Tensor sc = spec.scale.gather(1, idx).contiguous(), ze = spec.zero.gather(1, idx).contiguous();
+      at::Tensor g = grad.index_select(1, cols).contiguous(), v = q.values.index_select(1, cols).contiguous();
+      at::Tensor c = q.codes.index_select(1, cols).contiguous();
+      at::Tensor moves = at::zeros({n, count}, at::kFloat);
       float *gp = g.data_ptr<float>(), *vp = v.data_ptr<float>(), *mp = moves.data_ptr<float>();
       std::int64_t* cp = c.data_ptr<std::int64_t>();
       const float *hp = hb.data_ptr<float>(), *sp = sc.data_ptr<float>(), *zp = ze.data_ptr<float>();
@@ -243,14 +243,16 @@ Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::
         if (!(hii > 0)) continue;
         for (std::int64_t r = 0; r < n; ++r) {
           if (!cd[r]) continue;
-          const std::int64_t e = i * n + r;
+          const std::int64_t e = r * count + i;
           // Along this coordinate the error is a parabola with its minimum at v - grad / H_jj;
           // the code nearest that minimum is the best one.
           const float code = std::min(std::max(std::nearbyint((vp[e] - gp[e] / hii) / sp[e]) + zp[e], 0.0f), qm[r]);
           if (code == static_cast<float>(cp[e])) continue;
           const float next = (code - zp[e]) * sp[e];  // exactly what dequantize gives
           const float delta = next - vp[e];
-          for (std::int64_t k = 0; k < count; ++k) gp[k * n + r] += delta * hp[i * count + k];
+          float* grow = gp + r * count;
+          const float* hrow = hp + i * count;
+          for (std::int64_t k = 0; k < count; ++k) grow[k] += delta * hrow[k];
           mp[e] += delta;
           vp[e] = next;
           cp[e] = static_cast<std::int64_t>(code);
@@ -259,9 +261,9 @@ Quantized refine_codes(const at::Tensor& weight, const RowSpec& spec, const at::
       }
       if (!block_changed) continue;
       changed = true;
-      grad.add_(at::matmul(moves.t(), h.index_select(0, cols)));
-      q.values.index_copy_(1, cols, v.t());
-      q.codes.index_copy_(1, cols, c.t());
+      grad.add_(at::matmul(moves, h.index_select(0, cols)));
+      q.values.index_copy_(1, cols, v);
+      q.codes.index_copy_(1, cols, c);
     }
     if (!changed) break;
   }
