@@ -19,6 +19,7 @@ int tag(std::int64_t micro_batch, int direction) {
   return static_cast<int>((micro_batch % 16000) * 2 + direction);
 }
 constexpr int kForward = 0;
+constexpr int kBackward = 1;
 
 // The seed of micro-batch m's drawn labels: splitmix64 of the pair, so that neighbouring
 // micro-batches and seeds draw unrelated streams.
@@ -28,7 +29,6 @@ std::uint64_t label_seed(std::uint64_t seed, std::int64_t micro_batch) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
 }
-constexpr int kBackward = 1;
 
 // What one micro-batch keeps between its forward and backward pass on this rank.
 struct InFlight {
