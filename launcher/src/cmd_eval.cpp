@@ -5,8 +5,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
-#include <sys/stat.h>
 
 #include "commands.h"
 #include "usage.h"
@@ -27,11 +27,6 @@ struct Evaluable {
   std::unique_ptr<QuantizedCheckpoint> checkpoint;
   std::unique_ptr<ModelShard> model;
 };
-
-bool is_directory(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
 
 Evaluable open_evaluable(const std::string& model_dir, const std::string& checkpoint, at::ScalarType type,
                          Communicator& comm) {
@@ -131,7 +126,9 @@ int run_eval(const std::vector<std::string>& args, Communicator& comm) {
   warn_if_beyond_positions(model.config(), seq_len, comm);
   Evaluable ref;
   if (!reference.empty()) {
-    ref = is_directory(reference) ? open_evaluable(reference, "", type, comm) : open_evaluable("", reference, type, comm);
+    std::error_code ec;
+    ref = std::filesystem::is_directory(reference, ec) ? open_evaluable(reference, "", type, comm)
+                                                      : open_evaluable("", reference, type, comm);
     CSAQ_CHECK(ref.model->config().vocab_size == model.config().vocab_size, "--reference '", reference, "' has a vocabulary of ",
                ref.model->config().vocab_size, " tokens and the evaluated model '", quantized.empty() ? model_dir : quantized,
                "' one of ", model.config().vocab_size, ": their predictions cannot be compared");

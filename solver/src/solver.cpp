@@ -71,21 +71,29 @@ std::vector<std::int64_t> parse_group_options(const std::string& text) {
   return out;
 }
 
+namespace {
+// The rows `spec` describes, quantized as pack stores them: GPTQ on the Hessian (rounding to
+// nearest without one, or with --quantizer rtn), then, with refine_sweeps, refinement.
+Quantized quantize_rows(const at::Tensor& weight, const RowSpec& spec, const at::Tensor& hessian,
+                        const QuantizerOptions& opt, GptqFactorCache& cache) {
+  const bool compensate = hessian.defined() && (spec.bits <= kMaxCodeBits).any().item<bool>();
+  Quantized q = opt.gptq && compensate ? quantize_gptq(weight, spec, cache.get(hessian, opt), opt.block)
+                                       : quantize_nearest(weight, spec);
+  if (opt.refine_sweeps > 0 && compensate) q = refine_codes(weight, spec, hessian, q, opt.refine_sweeps);
+  return q;
+}
+}  // namespace
+
 void for_each_format(const at::Tensor& weight, const at::Tensor& row_leader, const at::Tensor& hessian,
                      const std::vector<Format>& formats, const QuantizerOptions& opt,
                      const std::function<void(std::size_t, const Quantized&)>& fn, GptqFactorCache& cache) {
   const std::int64_t out = weight.size(0);
-  const bool gptq = opt.gptq && hessian.defined();
   const at::Tensor column_weight = hessian.defined() ? hessian.diagonal() : at::Tensor();
   for (std::size_t f = 0; f < formats.size(); ++f) {
     const Format& fm = formats[f];
     const at::Tensor bits = at::full({out}, fm.bits, at::kLong), group = at::full({out}, fm.group, at::kLong);
     const RowSpec spec = make_row_spec(weight, bits, group, row_leader, column_weight, opt);
-    Quantized q = gptq && fm.bits <= kMaxCodeBits ? quantize_gptq(weight, spec, cache.get(hessian, opt), opt.block)
-                                                  : quantize_nearest(weight, spec);
-    if (opt.refine_sweeps > 0 && hessian.defined() && fm.bits <= kMaxCodeBits)
-      q = refine_codes(weight, spec, hessian, q, opt.refine_sweeps);
-    fn(f, q);
+    fn(f, quantize_rows(weight, spec, hessian, opt, cache));
   }
 }
 
@@ -483,10 +491,7 @@ QuantizedLinear quantize_linear(const at::Tensor& weight, const LinearPlan& plan
   QuantizedLinear out;
   out.spec = make_row_spec(weight, bits, group, plan.row_leader,
                            hessian.defined() ? hessian.diagonal() : at::Tensor(), opt);
-  const bool gptq = opt.gptq && hessian.defined() && (bits <= kMaxCodeBits).any().item<bool>();
-  out.q = gptq ? quantize_gptq(weight, out.spec, cache.get(hessian, opt), opt.block) : quantize_nearest(weight, out.spec);
-  if (opt.refine_sweeps > 0 && hessian.defined() && (bits <= kMaxCodeBits).any().item<bool>())
-    out.q = refine_codes(weight, out.spec, hessian, out.q, opt.refine_sweeps);
+  out.q = quantize_rows(weight, out.spec, hessian, opt, cache);
   return out;
 }
 
